@@ -1,0 +1,129 @@
+// tropd/estimators/topk.hpp: forward KL on the teacher's top-k support (method.md 2.3).
+//
+//   FKL_k = sum_{v in K} qk_v (log qk_v - ls_v),   K = TopK_T(k)
+//
+// ls_v is the student's full-vocabulary log-probability gathered at the teacher's ids
+// (the student's log-sum-exp always runs over the whole vocabulary). Three tail policies:
+//
+//   raw           qk = q (top-k mass S_K <= 1)       dL/dls_v = -q_v
+//   renormalised  qk = q / S_K                       dL/dls_v = -q_v / S_K
+//   tail_bucket   raw terms + (1 - S_K) log((1 - S_K) / (1 - P_K)),  P_K = sum_K p_v
+//                                                    dL/dls_v = -q_v + (1 - S_K) p_v / (1 - P_K)
+//
+// The rule works on log-probabilities at the K ids and returns the sparse gradient
+// g_v = dL/d ls_v; the gradient with respect to the student logits is then
+// dL/da_j = g_j - p_j sum_v g_v (zero-extended), e.g. S_K p - q for `raw`.
+// For `tail_bucket` this gives p_j - q_j on K and p_j (S_K - P_K) / (1 - P_K) off K.
+//
+// Teacher lists may come from an inference server: -inf entries are padding (their ids
+// are ignored), entries need not be sorted, and for `renormalised` they need not be
+// normalised. `raw` and `tail_bucket` require S_K <= 1 (+1e-4 tolerance, then clamped).
+#pragma once
+
+#include <tropd/config.hpp>
+#include <tropd/core/numerics.hpp>
+#include <tropd/core/status.hpp>
+
+namespace tropd::estimators {
+
+enum class topk_tail : int { raw = 0, renormalised = 1, tail_bucket = 2 };
+
+constexpr const char* to_string(topk_tail t) noexcept {
+  return t == topk_tail::raw ? "raw" : (t == topk_tail::renormalised ? "renormalised" : "tail_bucket");
+}
+
+/// Result of one top-k forward KL evaluation.
+struct topk_result {
+  double value = 0;          ///< FKL_k
+  double teacher_mass = 0;   ///< S_K (after validation; before renormalisation)
+  double student_mass = 0;   ///< P_K
+  status st{};               ///< infinite_divergence / invalid_topk_list on failure
+};
+
+/// Teacher top-k forward KL with a tail policy. Default k = 64, renormalised (the tropd preset).
+struct topk_forward_kl {
+  static constexpr const char* name = "topk_forward_kl";
+  int k = 64;
+  topk_tail tail = topk_tail::renormalised;
+
+  TROPD_HD constexpr status check() const noexcept {
+    if (k < 1) return make_error(errc::invalid_parameter, "topk_forward_kl: k must be >= 1");
+    if (tail != topk_tail::raw && tail != topk_tail::renormalised && tail != topk_tail::tail_bucket)
+      return make_error(errc::invalid_parameter, "topk_forward_kl: unknown tail policy");
+    return {};
+  }
+
+  /// n entries: lq[i] teacher log-prob (may be -inf: padding), ls[i] student log-prob at
+  /// the same id. Writes g[i] = dL/d ls_i (may be nullptr). Works in double.
+  template <class FQ, class FS>
+  TROPD_HD topk_result eval(const FQ* lq, const FS* ls, int n, double* g) const noexcept {
+    topk_result r;
+    double sk = 0, pk = 0, lse_ls = -inf<double>();
+    for (int i = 0; i < n; ++i) {
+      const double q = exp_(double(lq[i]));
+      sk += q;
+      if (double(lq[i]) != -inf<double>()) {
+        pk += exp_(double(ls[i]));
+        lse_ls = logaddexp(lse_ls, double(ls[i]));
+        if (double(ls[i]) == -inf<double>()) {
+          r.st = make_error(errc::infinite_divergence, "topk_forward_kl: the student gives zero mass to a teacher top-k id", -1, i);
+          return r;
+        }
+      }
+    }
+    if (!(sk > 0)) {
+      r.st = make_error(errc::invalid_topk_list, "topk_forward_kl: the teacher top-k list has no finite entry");
+      return r;
+    }
+    if (tail != topk_tail::renormalised) {
+      if (sk > 1.0 + 1e-4) {
+        r.st = make_error(errc::invalid_topk_list,
+                          "topk_forward_kl: teacher top-k mass exceeds 1; normalise the list or use the renormalised tail");
+        return r;
+      }
+      sk = min_(sk, 1.0);
+    }
+    r.teacher_mass = sk;
+    r.student_mass = pk;
+    const double log_sk = log_(sk);
+    double val = 0;
+    for (int i = 0; i < n; ++i) {
+      const double lqi = double(lq[i]);
+      if (lqi == -inf<double>()) {
+        if (g) g[i] = 0;
+        continue;
+      }
+      const double q = exp_(lqi);
+      const double lsi = double(ls[i]);
+      if (tail == topk_tail::renormalised) {
+        const double qn = q / sk;
+        val += qn * ((lqi - log_sk) - lsi);
+        if (g) g[i] = -qn;
+      } else {
+        val += q * (lqi - lsi);
+        if (g) g[i] = -q;
+      }
+    }
+    if (tail == topk_tail::tail_bucket) {
+      const double tail_t = 1.0 - sk;
+      if (tail_t > 0) {
+        const double log_tail_s = log1mexp(min_(lse_ls, 0.0));  // log(1 - P_K)
+        if (log_tail_s == -inf<double>()) {
+          r.st = make_error(errc::infinite_divergence,
+                            "topk_forward_kl: the student puts all its mass on the teacher top-k but the teacher does not (tail bucket)");
+          return r;
+        }
+        val += tail_t * (log_(tail_t) - log_tail_s);
+        if (g) {
+          const double c = tail_t * exp_(-log_tail_s);  // (1 - S_K) / (1 - P_K)
+          for (int i = 0; i < n; ++i)
+            if (double(lq[i]) != -inf<double>()) g[i] += c * exp_(double(ls[i]));
+        }
+      }
+    }
+    r.value = val;  // raw can be negative (S_K < 1); the others are >= 0 up to rounding
+    return r;
+  }
+};
+
+}  // namespace tropd::estimators

@@ -1,0 +1,177 @@
+#!/usr/bin/env bash
+# tropd's test command (the README's; .ci/run runs exactly this).
+#
+# Stages (TROPD_TEST_STAGES, default "release asan cuda"):
+#   release  g++ Release build of everything in build/release; ctest -LE gpu
+#            (unit, compile_fail, install tests)
+#   asan     clang++ with TROPD_SANITIZE=address,undefined in build/asan;
+#            runs tropd-tests only (ctest -L unit)
+#   cuda     TROPD_ENABLE_CUDA=ON in build/cuda (needs nvcc): builds every CUDA
+#            target (tropd-cuda-all: each .cu for sm_80 and sm_90), then
+#            ctest -L gpu, which is skipped (exit 77) on a machine without a GPU
+#   tsan     opt-in: clang++ with TROPD_SANITIZE=thread in build/tsan; tropd-tests
+#
+# Ends with the line "N passed, N failed" (CTest results of all stages; a failed
+# configure or build counts as one failure) and exits non-zero on any failure.
+# TROPD_JOBS sets the parallelism (default 2).
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+
+JOBS=${TROPD_JOBS:-2}
+STAGES=${TROPD_TEST_STAGES:-release asan cuda}
+LOG_DIR=build/test-logs
+
+total_passed=0
+total_failed=0
+total_skipped=0
+failures=()
+timings=()
+notes=()
+
+mkdir -p "$LOG_DIR"
+
+note_failure() { # what
+  total_failed=$((total_failed + 1))
+  failures+=("$1")
+  echo "!!! FAILED: $1" >&2
+}
+
+# configure_build STAGE BUILD_DIR "TARGETS" CMAKE_ARGS...  (TARGETS empty: all)
+configure_build() {
+  local stage=$1 dir=$2 targets=$3
+  shift 3
+  if ! cmake -S . -B "$dir" -G Ninja "$@"; then
+    note_failure "$stage: configure"
+    return 1
+  fi
+  local target_args=()
+  if [[ -n $targets ]]; then
+    # shellcheck disable=SC2206  # word splitting is intended
+    target_args=(--target $targets)
+  fi
+  if ! cmake --build "$dir" -j "$JOBS" "${target_args[@]}"; then
+    note_failure "$stage: build"
+    return 1
+  fi
+}
+
+# run_ctest STAGE BUILD_DIR CTEST_ARGS...: runs ctest, adds its counts to the totals.
+run_ctest() {
+  local stage=$1 dir=$2
+  shift 2
+  local log="$LOG_DIR/$stage-ctest.log"
+  (cd "$dir" && ctest --output-on-failure --no-tests=error -j "$JOBS" "$@") 2>&1 | tee "$log"
+  local rc=${PIPESTATUS[0]}
+  local line
+  line=$(grep -E '[0-9]+ tests? failed out of [0-9]+' "$log" | tail -n 1)
+  if [[ $line =~ ([0-9]+)\ tests?\ failed\ out\ of\ ([0-9]+) ]]; then
+    local failed=${BASH_REMATCH[1]} total=${BASH_REMATCH[2]}
+    local skipped
+    skipped=$(grep -cE '^[[:space:]]+[0-9]+ - .+ \((Skipped|Disabled)\)$' "$log")
+    total_passed=$((total_passed + total - failed - skipped))
+    total_skipped=$((total_skipped + skipped))
+    total_failed=$((total_failed + failed))
+    [[ $failed -gt 0 ]] && failures+=("$stage: $failed CTest test(s), see $log")
+    if [[ $rc -ne 0 && $failed -eq 0 ]]; then
+      note_failure "$stage: ctest exited with $rc"
+    fi
+  else
+    note_failure "$stage: ctest produced no result line (exit $rc), see $log"
+  fi
+}
+
+find_nvcc() {
+  if command -v nvcc >/dev/null 2>&1; then
+    command -v nvcc
+  elif [[ -n ${CUDACXX:-} && -x ${CUDACXX} ]]; then
+    echo "$CUDACXX"
+  elif [[ -x ${CUDA_HOME:-/usr/local/cuda}/bin/nvcc ]]; then
+    echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc"
+  else
+    return 1
+  fi
+}
+
+# ---------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------
+stage_release() {
+  configure_build release build/release "" -DCMAKE_BUILD_TYPE=Release || return
+  run_ctest release build/release -LE gpu
+}
+
+stage_asan() {
+  export ASAN_OPTIONS=${ASAN_OPTIONS:-halt_on_error=1:abort_on_error=1:detect_leaks=1:detect_stack_use_after_return=1:strict_init_order=1:check_initialization_order=1}
+  export UBSAN_OPTIONS=${UBSAN_OPTIONS:-halt_on_error=1:abort_on_error=1:print_stacktrace=1}
+  configure_build asan build/asan tropd-tests \
+    -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_COMPILER=clang++ \
+    -DTROPD_SANITIZE=address,undefined \
+    -DTROPD_BUILD_BENCHMARKS=OFF -DTROPD_BUILD_EXAMPLES=OFF || return
+  run_ctest asan build/asan -L unit
+}
+
+stage_cuda() {
+  local nvcc
+  if ! nvcc=$(find_nvcc); then
+    local msg="WARNING: nvcc not found (not on PATH, CUDACXX or CUDA_HOME): the CUDA stage did NOT run; no .cu file was compiled"
+    echo "$msg" >&2
+    notes+=("$msg")
+    return
+  fi
+  # CUDACXX only matters for the first configure of build/cuda (then it is cached).
+  CUDACXX=$nvcc configure_build cuda build/cuda tropd-cuda-all \
+    -DCMAKE_BUILD_TYPE=Release -DTROPD_ENABLE_CUDA=ON \
+    -DTROPD_BUILD_EXAMPLES=OFF || return
+  run_ctest cuda build/cuda -L gpu
+  if grep -qE 'tropd-gpu-tests \(Skipped\)' "$LOG_DIR/cuda-ctest.log"; then
+    notes+=("cuda: every .cu compiled, but the GPU tests were NOT executed (no CUDA device here)")
+  fi
+}
+
+stage_tsan() {
+  export TSAN_OPTIONS=${TSAN_OPTIONS:-halt_on_error=1:second_deadlock_stack=1}
+  configure_build tsan build/tsan tropd-tests \
+    -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_COMPILER=clang++ \
+    -DTROPD_SANITIZE=thread \
+    -DTROPD_BUILD_BENCHMARKS=OFF -DTROPD_BUILD_EXAMPLES=OFF || return
+  run_ctest tsan build/tsan -L unit
+}
+
+# ===========================================================================
+# HOOK: later stages (fuzzing, ThreadSanitizer by default, ...).
+# Write a function stage_<name> above (configure_build + run_ctest keep the
+# summary right) and add <name> to the default of TROPD_TEST_STAGES at the top.
+# stage_tsan is ready; it is opt-in until the threaded host backend is tested.
+# ===========================================================================
+
+# ---------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------
+echo "==== setup ===="
+if ! bash scripts/setup.sh; then
+  note_failure "setup.sh"
+  echo "${total_passed} passed, ${total_failed} failed"
+  exit 1
+fi
+
+for stage in $STAGES; do
+  if ! declare -F "stage_$stage" >/dev/null; then
+    note_failure "unknown stage '$stage'"
+    continue
+  fi
+  echo
+  echo "==== stage: $stage ===="
+  start=$EPOCHREALTIME
+  "stage_$stage"
+  end=$EPOCHREALTIME
+  timings+=("$(awk -v s="$start" -v e="$end" -v n="$stage" 'BEGIN { printf "%-8s %6.1f s", n, e - s }')")
+done
+
+echo
+echo "==== summary ===="
+for t in "${timings[@]}"; do echo "  $t"; done
+for n in "${notes[@]}"; do echo "  $n"; done
+for f in "${failures[@]}"; do echo "  FAILED: $f"; done
+[[ $total_skipped -gt 0 ]] && echo "  ($total_skipped test(s) skipped, counted in neither number)"
+echo "${total_passed} passed, ${total_failed} failed"
+[[ $total_failed -eq 0 ]]
