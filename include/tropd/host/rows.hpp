@@ -62,6 +62,9 @@ inline constexpr index_t chunk = 1024;
 template <class TS, class TT>
 using work_t = std::conditional_t<std::is_same_v<TS, double> || std::is_same_v<TT, double>, double, float>;
 
+// Note: Eigen's vectorised exp does not return exactly 0 for -inf (it clamps its argument and
+// returns a denormal on some instruction sets), so every exp below masks -inf inputs to an
+// exact 0: a -inf logit must contribute nothing, also not 0 * (-inf) = NaN.
 template <class W>
 using arr = Eigen::Map<Eigen::Array<W, Eigen::Dynamic, 1>, Eigen::Aligned64>;
 template <class W>
@@ -99,7 +102,7 @@ inline estimators::row_moments<W> chunk_moments(chunk_buffers<W>& buf, index_t n
   if (has_teacher) m.mt = carr<W>(buf.b, n).maxCoeff();
   if (m.ms > -inf<W>()) {
     arr<W> WA(buf.wa, n);
-    WA = (A - m.ms).exp();
+    WA = (A == -inf<W>()).select(W(0), (A - m.ms).exp());
     m.ss = WA.sum();
     m.es = (WA > W(0)).select(WA * (A - m.ms), W(0)).sum();
     if (has_teacher) {
@@ -114,7 +117,7 @@ inline estimators::row_moments<W> chunk_moments(chunk_buffers<W>& buf, index_t n
   if (has_teacher && m.mt > -inf<W>()) {
     carr<W> B(buf.b, n);
     arr<W> WB(buf.wb, n);
-    WB = (B - m.mt).exp();
+    WB = (B == -inf<W>()).select(W(0), (B - m.mt).exp());
     m.st = WB.sum();
     m.et = (WB > W(0)).select(WB * (B - m.mt), W(0)).sum();
     if (m.ms > -inf<W>())
@@ -180,8 +183,8 @@ inline void row_pass1b(const Est& est, const TS* zs, const TT* zt, index_t V, W 
     arr<W> A(buf.a, n), B(buf.b, n), P(buf.wa, n), Q(buf.wb, n);
     A -= W(s.lse_s);
     B -= W(s.lse_t);
-    P = A.exp();
-    Q = B.exp();
+    P = (A == -inf<W>()).select(W(0), A.exp());
+    Q = (B == -inf<W>()).select(W(0), B.exp());
     double part[2] = {0, 0};
     for (index_t i = 0; i < n; ++i) est.accumulate(buf.a[i], buf.b[i], buf.wa[i], buf.wb[i], part);
     acc[0] += part[0];
@@ -216,12 +219,12 @@ inline void row_pass2(const Est& est, const TS* zs, const TT* zt, index_t V, W i
     load_scaled(zs + c0, n, inv_ts, buf.a);
     arr<W> A(buf.a, n), P(buf.wa, n);
     A -= W(s.lse_s);
-    P = A.exp();
+    P = (A == -inf<W>()).select(W(0), A.exp());
     if constexpr (dense) {
       load_scaled(zt + c0, n, inv_tt, buf.b);
       arr<W> B(buf.b, n), Q(buf.wb, n);
       B -= W(s.lse_t);
-      Q = B.exp();
+      Q = (B == -inf<W>()).select(W(0), B.exp());
       for (index_t i = 0; i < n; ++i)
         out[c0 + i] = static_cast<G>(wd * est.grad(buf.a[i], buf.b[i], buf.wa[i], buf.wb[i], s) - wg * buf.wa[i]);
     } else {

@@ -234,12 +234,13 @@ enum class prefix_cap : uint8_t {
 /// teacher-response length WITHOUT its end token (the end token is never part of a prefix).
 ///   per_sample_fraction: floor(alpha * L_T + 1e-9)
 ///   global_cap:          min(L_T, floor(alpha * global_max + 1e-9))   (global_max <= 0 gives 0)
+/// global_max is read only in global_cap mode (pass 0 otherwise).
 /// alpha = schedule.fraction(p), clamped to [0, 1] (NaN counts as 0). The 1e-9 keeps products
 /// that are integers in exact arithmetic from flooring one below (detail::floor_epsilon);
 /// alpha = 1 gives exactly L_T, alpha = 0 gives 0, L_T <= 0 gives 0.
 template <prefix_schedule S>
 TROPD_HD long long prefix_length(const S& schedule, const schedule_point& p, prefix_cap mode,
-                                 long long global_max = 0) noexcept {
+                                 long long global_max) noexcept {
   const long long L = p.teacher_length;
   if (L <= 0) return 0;
   double a = schedule.fraction(p);
