@@ -51,11 +51,19 @@ struct token_batch {
   matrix_view<const float> topk_student_old;  ///< [n x K] rollout-time student log-probs (optional: = current)
 };
 
+/// What to do with non-finite or out-of-range per-token values (docs/robustness.md).
+enum class input_policy : int {
+  reject = 0,  ///< default: fail with an error naming the first bad token (nothing written)
+  mask = 1,    ///< opt-in: treat bad tokens (and rows with NaN/+inf logits) as prompt tokens
+               ///< (no loss, zero gradient) and count them in diagnostics::n_masked_input
+};
+
 /// Options of an evaluation.
 struct eval_options {
   uint64_t seed = 0;  ///< keys the stochastic trust region (with step, sequence id, position)
   uint64_t step = 0;  ///< training step (random draws, phase switches)
   int threads = 1;    ///< row-level passes only
+  input_policy bad_input = input_policy::reject;
 };
 
 /// Optional per-token outputs (empty views are skipped).
@@ -80,6 +88,7 @@ struct diagnostics {
   double mean_student_entropy = 0, mean_teacher_entropy = 0;
   double mean_topk_teacher_mass = 0, mean_topk_student_mass = 0;  ///< over tokens where a top-k term ran
   double mean_rkl = 0;         ///< mean detached reverse KL over student tokens (when known)
+  index_t n_masked_input = 0;  ///< tokens dropped by input_policy::mask
 };
 
 namespace detail {
@@ -89,20 +98,14 @@ inline double nan_d() { return quiet_nan<double>(); }
 template <class V>
 inline bool has(const V& v) { return v.size != 0; }
 
-inline status check_opt_vec(vector_view<const float> v, index_t n, const char* what, bool allow_neg_inf) {
-  if (v.size == 0) return {};
-  if (v.size != n) return make_error(errc::shape_mismatch, what, -1, -1);
-  for (index_t i = 0; i < n; ++i) {
-    const float x = v[i];
-    if (is_nan(x) || x == inf<float>() || (!allow_neg_inf && x == -inf<float>()))
-      return make_error(errc::non_finite_input, what, i);
-  }
-  return {};
+inline bool bad_value(float x, bool allow_neg_inf) {
+  return is_nan(x) || x == inf<float>() || (!allow_neg_inf && x == -inf<float>());
 }
 
-/// Validates a token batch for an objective.
+/// Structural validation of a token batch for an objective: shapes, offsets, origin tags,
+/// required optional inputs. Always an error when it fails (whatever the input policy).
 template <class Obj>
-status validate_tokens(const Obj& obj, const token_batch& b) {
+status validate_structure(const Obj& obj, const token_batch& b) {
   TROPD_TRY(obj.check());
   const index_t n = b.s.size;
   if (n == 0) return make_error(errc::empty_batch, "no tokens");
@@ -114,23 +117,9 @@ status validate_tokens(const Obj& obj, const token_batch& b) {
     if (b.seq_offsets[j] < b.seq_offsets[j - 1]) return make_error(errc::shape_mismatch, "seq_offsets must be non-decreasing", j);
   const index_t n_seq = b.seq_offsets.size - 1;
   if (b.seq_ids.size != 0 && b.seq_ids.size != n_seq) return make_error(errc::shape_mismatch, "seq_ids must have n_seq entries");
-  for (index_t i = 0; i < n; ++i) {
-    const auto o = static_cast<uint8_t>(b.from[i]);
-    if (o > 2) return make_error(errc::invalid_parameter, "origin tag must be prompt, teacher or student", i);
-  }
-  // s must be finite wherever it is used; t may be -inf (zero teacher mass).
-  for (index_t i = 0; i < n; ++i) {
-    if (b.from[i] == origin::prompt) continue;
-    if (!is_finite(b.s[i])) return make_error(errc::non_finite_input, "student log-prob s is not finite", i);
-    if (b.s[i] > 1e-4f) return make_error(errc::invalid_parameter, "student log-prob s is > 0 (pass log-probabilities, not logits)", i);
-    if (is_nan(b.t[i]) || b.t[i] == inf<float>()) return make_error(errc::non_finite_input, "teacher log-prob t is NaN or +inf", i);
-    if (b.t[i] > 1e-4f) return make_error(errc::invalid_parameter, "teacher log-prob t is > 0 (pass log-probabilities, not logits)", i);
-  }
-  if (b.s_old.size != 0) {
-    if (b.s_old.size != n) return make_error(errc::shape_mismatch, "s_old must be empty or have n entries");
-    for (index_t i = 0; i < n; ++i)
-      if (b.from[i] != origin::prompt && !is_finite(b.s_old[i])) return make_error(errc::non_finite_input, "s_old is not finite", i);
-  }
+  for (index_t i = 0; i < n; ++i)
+    if (static_cast<uint8_t>(b.from[i]) > 2) return make_error(errc::invalid_parameter, "origin tag must be prompt, teacher or student", i);
+  if (b.s_old.size != 0 && b.s_old.size != n) return make_error(errc::shape_mismatch, "s_old must be empty or have n entries");
   using R = typename Obj::region_type;
   using T = typename Obj::trust_type;
   using O = typename Obj::outlier_type;
@@ -142,10 +131,10 @@ status validate_tokens(const Obj& obj, const token_batch& b) {
     if (b.rkl.size == 0) return make_error(errc::unsupported, "this trust estimator needs the per-position reverse KL (token_batch::rkl)");
   if constexpr (T::needs_ref)
     if (b.ref.size == 0) return make_error(errc::unsupported, "this trust estimator needs reference log-probs (token_batch::ref)");
-  TROPD_TRY(check_opt_vec(b.student_entropy, n, "student_entropy must be empty or n finite entries", false));
-  TROPD_TRY(check_opt_vec(b.teacher_entropy, n, "teacher_entropy must be empty or n finite entries", false));
-  TROPD_TRY(check_opt_vec(b.rkl, n, "rkl must be empty or n finite entries", false));
-  TROPD_TRY(check_opt_vec(b.ref, n, "ref must be empty or n finite entries", true));
+  if (b.student_entropy.size != 0 && b.student_entropy.size != n) return make_error(errc::shape_mismatch, "student_entropy must be empty or have n entries");
+  if (b.teacher_entropy.size != 0 && b.teacher_entropy.size != n) return make_error(errc::shape_mismatch, "teacher_entropy must be empty or have n entries");
+  if (b.rkl.size != 0 && b.rkl.size != n) return make_error(errc::shape_mismatch, "rkl must be empty or have n entries");
+  if (b.ref.size != 0 && b.ref.size != n) return make_error(errc::shape_mismatch, "ref must be empty or have n entries");
   if constexpr (O::needs_topk) {
     const auto& ids = b.topk_ids;
     if (ids.rows != n || b.topk_teacher.rows != n || b.topk_student.rows != n || ids.cols < 1 ||
@@ -155,27 +144,63 @@ status validate_tokens(const Obj& obj, const token_batch& b) {
       return make_error(errc::shape_mismatch, "topk_student_old must be empty or [n x K]");
     if (!ids.valid() || !b.topk_teacher.valid() || !b.topk_student.valid() || !b.topk_student_old.valid())
       return make_error(errc::shape_mismatch, "top-k views are malformed");
-    const int K = static_cast<int>(ids.cols);
-    for (index_t i = 0; i < n; ++i) {
-      if (b.from[i] != origin::student) continue;
-      const float* lq = b.topk_teacher.row(i);
-      const int32_t* id = ids.row(i);
-      for (int k = 0; k < K; ++k) {
-        if (is_nan(lq[k]) || lq[k] == inf<float>()) return make_error(errc::non_finite_input, "topk_teacher is NaN or +inf", i, k);
-        if (lq[k] == -inf<float>()) continue;
-        const float ls = b.topk_student.row(i)[k];
-        if (is_nan(ls) || ls == inf<float>()) return make_error(errc::non_finite_input, "topk_student is NaN or +inf", i, k);
-        if (b.topk_student_old.rows) {
-          const float lo = b.topk_student_old.row(i)[k];
-          if (is_nan(lo) || lo == inf<float>()) return make_error(errc::non_finite_input, "topk_student_old is NaN or +inf", i, k);
-        }
-        if (id[k] < 0) return make_error(errc::id_out_of_range, "topk id is negative", i, k);
-        for (int j = 0; j < k; ++j)
-          if (lq[j] != -inf<float>() && id[j] == id[k]) return make_error(errc::duplicate_topk_id, "top-k list repeats an id", i, k);
-      }
+  }
+  return {};
+}
+
+/// Value validation of one token (non-prompt tokens only): finiteness and ranges of its
+/// log-probs, entropies, extras and top-k entries. Returns the first violation.
+template <class Obj>
+status check_token_values(const Obj&, const token_batch& b, index_t i) {
+  if (b.from[i] == origin::prompt) return {};
+  if (!is_finite(b.s[i])) return make_error(errc::non_finite_input, "student log-prob s is not finite", i);
+  if (b.s[i] > 1e-4f) return make_error(errc::invalid_parameter, "student log-prob s is > 0 (pass log-probabilities, not logits)", i);
+  if (bad_value(b.t[i], true)) return make_error(errc::non_finite_input, "teacher log-prob t is NaN or +inf", i);
+  if (b.t[i] > 1e-4f) return make_error(errc::invalid_parameter, "teacher log-prob t is > 0 (pass log-probabilities, not logits)", i);
+  if (b.s_old.size && !is_finite(b.s_old[i])) return make_error(errc::non_finite_input, "s_old is not finite", i);
+  if (b.student_entropy.size && bad_value(b.student_entropy[i], false)) return make_error(errc::non_finite_input, "student_entropy is not finite", i);
+  if (b.teacher_entropy.size && bad_value(b.teacher_entropy[i], false)) return make_error(errc::non_finite_input, "teacher_entropy is not finite", i);
+  if (b.rkl.size && bad_value(b.rkl[i], false)) return make_error(errc::non_finite_input, "rkl is not finite", i);
+  if (b.ref.size && bad_value(b.ref[i], true)) return make_error(errc::non_finite_input, "ref is NaN or +inf", i);
+  if constexpr (Obj::outlier_type::needs_topk) {
+    if (b.from[i] != origin::student) return {};
+    const index_t K = b.topk_ids.cols;
+    const float* lq = b.topk_teacher.row(i);
+    const int32_t* id = b.topk_ids.row(i);
+    for (index_t k = 0; k < K; ++k) {
+      if (bad_value(lq[k], true)) return make_error(errc::non_finite_input, "topk_teacher is NaN or +inf", i, k);
+      if (lq[k] == -inf<float>()) continue;
+      if (bad_value(b.topk_student(i, k), true)) return make_error(errc::non_finite_input, "topk_student is NaN or +inf", i, k);
+      if (b.topk_student_old.rows && bad_value(b.topk_student_old(i, k), true))
+        return make_error(errc::non_finite_input, "topk_student_old is NaN or +inf", i, k);
+      if (id[k] < 0) return make_error(errc::id_out_of_range, "topk id is negative", i, k);
+      for (index_t j = 0; j < k; ++j)
+        if (lq[j] != -inf<float>() && id[j] == id[k]) return make_error(errc::duplicate_topk_id, "top-k list repeats an id", i, k);
     }
   }
   return {};
+}
+
+/// Validates a token batch (structure, then every token's values; reject policy).
+template <class Obj>
+status validate_tokens(const Obj& obj, const token_batch& b) {
+  TROPD_TRY(validate_structure(obj, b));
+  for (index_t i = 0; i < b.s.size; ++i) TROPD_TRY(check_token_values(obj, b, i));
+  return {};
+}
+
+/// Input policy "mask": tokens whose values fail check_token_values become prompt tokens
+/// (no loss, zero gradient) in `from_out`; returns how many. Structure errors stay errors.
+template <class Obj>
+index_t mask_bad_tokens(const Obj& obj, const token_batch& b, std::vector<origin>& from_out) {
+  from_out.assign(b.from.begin(), b.from.end());
+  index_t masked = 0;
+  for (index_t i = 0; i < b.s.size; ++i)
+    if (!check_token_values(obj, b, i).ok()) {
+      from_out[static_cast<size_t>(i)] = origin::prompt;
+      ++masked;
+    }
+  return masked;
 }
 
 /// Sequence index of every token (from CSR offsets).
@@ -394,18 +419,28 @@ status evaluate_tokens(const Obj& obj, const token_batch& b, const eval_options&
   if constexpr (Obj::has_dense) {
     return make_error(errc::unsupported, "objective has a full-vocabulary term: it needs logits (use evaluate_rows)");
   } else {
-    TROPD_TRY(detail::validate_tokens(obj, b));
+    TROPD_TRY(detail::validate_structure(obj, b));
     TROPD_TRY(detail::check_token_outputs(out, b.s.size, b.topk_ids.cols));
+    token_batch bb = b;
+    std::vector<origin> from_masked;
+    index_t n_masked = 0;
+    if (opt.bad_input == input_policy::mask) {
+      n_masked = detail::mask_bad_tokens(obj, b, from_masked);
+      bb.from = {from_masked.data(), b.s.size};
+    } else {
+      for (index_t i = 0; i < b.s.size; ++i) TROPD_TRY(detail::check_token_values(obj, b, i));
+    }
     std::vector<uint8_t> trusted;
-    TROPD_TRY(decide(obj, b, opt, trusted));
+    TROPD_TRY(decide(obj, bb, opt, trusted));
     applied a;
-    TROPD_TRY(apply(obj, b, trusted, a));
+    TROPD_TRY(apply(obj, bb, trusted, a));
     std::vector<double> w;
     double norm = 0;
-    TROPD_TRY(aggregate_weights(obj, b, a, w, norm));
+    TROPD_TRY(aggregate_weights(obj, bb, a, w, norm));
     diagnostics d;
-    detail::summarise(obj, b, trusted, a, w, norm, d);
-    detail::write_token_outputs(b, a, w, out);
+    detail::summarise(obj, bb, trusted, a, w, norm, d);
+    d.n_masked_input = n_masked;
+    detail::write_token_outputs(bb, a, w, out);
     if (loss) *loss = d.loss;
     if (diag) *diag = d;
     return {};
@@ -459,7 +494,11 @@ status evaluate_rows(const Obj& obj, matrix_view<const TS> student, matrix_view<
   }
   const W its = W(1.0 / ropt.student_temperature), itt = W(1.0 / ropt.teacher_temperature);
 
-  // Phase A: row statistics (one read of both rows; nothing written).
+  // Phase A: row statistics (one read of both rows; nothing written). Under
+  // input_policy::mask a row with NaN/+inf logits (or no finite entry) becomes a prompt row.
+  const bool mask_bad = opt.bad_input == input_policy::mask;
+  std::vector<origin> from_eff(tok.from.begin(), tok.from.end());
+  std::vector<uint8_t> row_masked(static_cast<size_t>(n), 0);
   std::vector<estimators::row_summary> sums(static_cast<size_t>(n));
   std::vector<float> s(static_cast<size_t>(n)), t(static_cast<size_t>(n)), hs(static_cast<size_t>(n)),
       ht(static_cast<size_t>(n)), rk(static_cast<size_t>(n));
@@ -467,9 +506,15 @@ status evaluate_rows(const Obj& obj, matrix_view<const TS> student, matrix_view<
     auto buf = std::make_unique<detail::chunk_buffers<W>>();
     for (index_t r = b0; r < e0; ++r) {
       auto& sm = sums[static_cast<size_t>(r)];
-      TROPD_TRY(detail::row_pass1(student.row(r), teacher.row(r), V, its, itt, *buf, r, sm));
+      if (const status st1 = detail::row_pass1(student.row(r), teacher.row(r), V, its, itt, *buf, r, sm); !st1.ok()) {
+        if (mask_bad && (st1.code == errc::non_finite_input || st1.code == errc::no_finite_entry)) {
+          row_masked[static_cast<size_t>(r)] = 1;
+          continue;  // s, t, entropies stay 0; the row gets origin::prompt below
+        }
+        return st1;
+      }
       if constexpr (Obj::has_dense) {
-        if (tok.from[r] != origin::prompt) {
+        if (from_eff[static_cast<size_t>(r)] != origin::prompt) {
           if (!obj.dense.finite(sm)) return make_error(errc::infinite_divergence, "the dense divergence is infinite for this row", r);
           if constexpr (Obj::dense_type::second_pass)
             detail::row_pass1b(obj.dense, student.row(r), teacher.row(r), V, its, itt, *buf, sm);
@@ -481,11 +526,18 @@ status evaluate_rows(const Obj& obj, matrix_view<const TS> student, matrix_view<
       hs[static_cast<size_t>(r)] = float(sm.ent_s);
       ht[static_cast<size_t>(r)] = float(sm.ent_t);
       rk[static_cast<size_t>(r)] = float(min_(sm.rkl, 1e30));
-      if (tok.from[r] != origin::prompt && s[static_cast<size_t>(r)] == -inf<float>())
+      if (from_eff[static_cast<size_t>(r)] != origin::prompt && s[static_cast<size_t>(r)] == -inf<float>())
         return make_error(errc::infinite_divergence, "the student gives zero mass to the token at this row", r, y);
     }
     return {};
   }));
+
+  index_t n_masked = 0;
+  for (index_t r = 0; r < n; ++r)
+    if (row_masked[static_cast<size_t>(r)] && from_eff[static_cast<size_t>(r)] != origin::prompt) {
+      from_eff[static_cast<size_t>(r)] = origin::prompt;
+      ++n_masked;
+    }
 
   // Phase B: top-k lists and the student's log-probs at them, for student rows.
   std::vector<int32_t> kid(static_cast<size_t>(n * K), 0);
@@ -494,7 +546,7 @@ status evaluate_rows(const Obj& obj, matrix_view<const TS> student, matrix_view<
     TROPD_TRY(parallel_rows(n, ropt.threads, [&](index_t b0, index_t e0) -> status {
       std::vector<W> tv(lists ? 0 : static_cast<size_t>(V)), vals(static_cast<size_t>(K));
       for (index_t r = b0; r < e0; ++r) {
-        if (tok.from[r] != origin::student) continue;
+        if (from_eff[static_cast<size_t>(r)] != origin::student) continue;
         const auto& sm = sums[static_cast<size_t>(r)];
         int32_t* ids = kid.data() + r * K;
         float* lq = klq.data() + r * K;
@@ -524,7 +576,7 @@ status evaluate_rows(const Obj& obj, matrix_view<const TS> student, matrix_view<
   b.s = {s.data(), n};
   b.s_old = tok.s_old;
   b.t = {t.data(), n};
-  b.from = tok.from;
+  b.from = {from_eff.data(), n};
   b.seq_offsets = tok.seq_offsets;
   b.seq_ids = tok.seq_ids;
   b.student_entropy = {hs.data(), n};
@@ -537,8 +589,16 @@ status evaluate_rows(const Obj& obj, matrix_view<const TS> student, matrix_view<
     b.topk_student = make_matrix<const float>(kls.data(), n, K);
     b.topk_student_old = tok.topk_student_old;
   }
-  TROPD_TRY(detail::validate_tokens(obj, b));
+  TROPD_TRY(detail::validate_structure(obj, b));
   TROPD_TRY(detail::check_token_outputs(tout, n, K));
+  if (mask_bad) {
+    std::vector<origin> f2;
+    n_masked += detail::mask_bad_tokens(obj, b, f2);
+    from_eff = std::move(f2);
+    b.from = {from_eff.data(), n};
+  } else {
+    for (index_t i = 0; i < n; ++i) TROPD_TRY(detail::check_token_values(obj, b, i));
+  }
   std::vector<uint8_t> trusted;
   TROPD_TRY(decide(obj, b, opt, trusted));
   applied a;
@@ -548,6 +608,7 @@ status evaluate_rows(const Obj& obj, matrix_view<const TS> student, matrix_view<
   TROPD_TRY(aggregate_weights(obj, b, a, w, norm));
   diagnostics d;
   detail::summarise(obj, b, trusted, a, w, norm, d);
+  d.n_masked_input = n_masked;
   if constexpr (Obj::has_dense) {
     for (index_t r = 0; r < n; ++r)
       d.loss_dense += w[static_cast<size_t>(r)] * obj.dense_weight * obj.dense.value(sums[static_cast<size_t>(r)]);
@@ -576,7 +637,7 @@ status evaluate_rows(const Obj& obj, matrix_view<const TS> student, matrix_view<
         const double scale = wi / ropt.student_temperature;
         const auto& sm = sums[static_cast<size_t>(r)];
         if constexpr (Obj::has_dense) {
-          if (tok.from[r] != origin::prompt) {
+          if (from_eff[static_cast<size_t>(r)] != origin::prompt) {
             detail::row_pass2(obj.dense, student.row(r), teacher.row(r), V, its, itt, *buf, sm, obj.dense_weight,
                               detail::sparse_terms{ids.data(), coef.data(), m}, scale, grad.row(r));
             continue;
