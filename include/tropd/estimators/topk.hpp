@@ -8,6 +8,8 @@
 //   raw           qk = q (top-k mass S_K <= 1)       dL/dls_v = -q_v
 //   renormalised  qk = q / S_K                       dL/dls_v = -q_v / S_K
 //   tail_bucket   raw terms + (1 - S_K) log((1 - S_K) / (1 - P_K)),  P_K = sum_K p_v
+//                 (a teacher tail 1 - S_K <= 1e-6 counts as empty: fp32 lists covering the
+//                 whole vocabulary do not sum to exactly 1)
 //                                                    dL/dls_v = -q_v + (1 - S_K) p_v / (1 - P_K)
 //
 // The rule works on log-probabilities at the K ids and returns the sparse gradient
@@ -45,6 +47,8 @@ struct topk_forward_kl {
   static constexpr const char* name = "topk_forward_kl";
   int k = 64;
   topk_tail tail = topk_tail::renormalised;
+  /// tail_bucket: teacher tail masses 1 - S_K at or below this are treated as an empty bucket.
+  static constexpr double tail_epsilon = 1e-6;
 
   TROPD_HD constexpr status check() const noexcept {
     if (k < 1) return make_error(errc::invalid_parameter, "topk_forward_kl: k must be >= 1");
@@ -105,8 +109,10 @@ struct topk_forward_kl {
       }
     }
     if (tail == topk_tail::tail_bucket) {
+      // A teacher tail below 1e-6 is below the resolution of a sum of fp32 probabilities
+      // (e.g. a list that covers the whole vocabulary sums to 1 - 1e-8): the bucket is empty.
       const double tail_t = 1.0 - sk;
-      if (tail_t > 0) {
+      if (tail_t > tail_epsilon) {
         const double log_tail_s = log1mexp(min_(lse_ls, 0.0));  // log(1 - P_K)
         if (log_tail_s == -inf<double>()) {
           r.st = make_error(errc::infinite_divergence,
