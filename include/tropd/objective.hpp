@@ -147,13 +147,15 @@ TROPD_HD token_result evaluate_token(const Obj& obj, const token_input& in, bool
   if (trusted || obj.mode == outlier_mode::add) {
     const estimators::trust_value tv = obj.trust(estimators::token_terms{in.s, in.s_old, in.t, in.rkl, in.ref});
     if (tv.pg) {
-      if (!is_finite(tv.advantage)) {
+      // The clipper sees the raw advantage first: an advantage clip (adv_lo) turns the
+      // -inf reward of a zero-teacher-mass token into a finite one (REOPOLD, clipped OPD).
+      const clippers::clipped_term c = obj.clip(tv.advantage, in.s, in.s_old);
+      if (is_nan(tv.advantage) || !is_finite(c.advantage) || !is_finite(c.loss) || !is_finite(c.dloss_ds)) {
         r.st = make_error(errc::infinite_divergence,
                           "the trust term's reward is not finite (the teacher gives zero mass to a trusted token: "
                           "use a trust region, an outlier handler or a reward clip)");
         return r;
       }
-      const clippers::clipped_term c = obj.clip(tv.advantage, in.s, in.s_old);
       r.loss_trust = c.loss;
       r.dloss_ds += c.dloss_ds;
       r.advantage += c.advantage;
@@ -183,6 +185,10 @@ TROPD_HD token_result evaluate_token(const Obj& obj, const token_input& in, bool
       r.flags |= flags::kept;
       if (ov.pg) {
         const clippers::clipped_term c = obj.clip(ov.advantage, in.s, in.s_old);
+        if (is_nan(ov.advantage) || !is_finite(c.advantage) || !is_finite(c.loss) || !is_finite(c.dloss_ds)) {
+          r.st = make_error(errc::infinite_divergence, "the outlier term's advantage is not finite");
+          return r;
+        }
         r.loss_outlier = c.loss;
         r.dloss_ds += c.dloss_ds;
         r.advantage += c.advantage;

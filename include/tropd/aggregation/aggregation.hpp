@@ -1,14 +1,16 @@
 // tropd/aggregation/aggregation.hpp: how per-token losses become one number (method.md 8).
 //
-//   token_mean            sum_i L_i / N_tok          N_tok: non-prompt tokens (TrOPD, EOPD)
+//   token_mean            sum_i L_i / N_tok          N_tok: counted tokens (TrOPD, EOPD): student
+//                                                    tokens, plus teacher-prefix tokens when the
+//                                                    guidance term (beta > 0) or a dense term applies
 //   kept_token_mean       sum_i L_i / N_kept         N_kept: tokens that contribute (REOPOLD)
-//   seq_mean_token_mean   (1/N_seq) sum_j (1/n_j) sum_{i in j} L_i     n_j: non-prompt tokens of j
+//   seq_mean_token_mean   (1/N_seq) sum_j (1/n_j) sum_{i in j} L_i     n_j: counted tokens of j
 //   seq_mean_token_sum    (1/N_seq) sum_j sum_{i in j} L_i
 //   sum_over_constant     sum_i L_i / C              (Dr. GRPO style)
 //
 // `normaliser > 0` replaces the count in the denominator (N_tok, N_kept or N_seq; C for
 // sum_over_constant), so micro-batches and ranks can share one global count. Sequences
-// without non-prompt tokens are not counted in N_seq.
+// without counted tokens are not counted in N_seq.
 #pragma once
 
 #include <tropd/config.hpp>

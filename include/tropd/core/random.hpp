@@ -52,11 +52,10 @@ inline constexpr uint32_t trust_region = 0x7472u;   // "tr"
 inline constexpr uint32_t prefix_fraction = 0x7066u; // "pf"
 }  // namespace streams
 
-/// A uniform double in (0, 1], 53 random bits, from Philox keyed by `k`.
-/// The counter packs step (32 bits) and sequence (32 bits), position (32 bits) and
-/// stream; the key is the 64-bit seed. Steps and sequences above 2^32 are folded in
-/// with the high bits xored into the stream word.
-TROPD_HD inline double uniform_open0_closed1(const draw_key& k) noexcept {
+/// 64 random bits from Philox keyed by `k` (words 0 and 1 of the output block).
+/// The counter packs step, sequence and position (32 bits each) and the stream word, into
+/// which the high halves of step, sequence and position are folded; the key is the seed.
+TROPD_HD inline uint64_t random_bits64(const draw_key& k) noexcept {
   philox4x32_10::ctr_type c{{static_cast<uint32_t>(k.step), static_cast<uint32_t>(k.sequence),
                              static_cast<uint32_t>(k.position),
                              k.stream ^ static_cast<uint32_t>(k.step >> 32) ^
@@ -64,7 +63,12 @@ TROPD_HD inline double uniform_open0_closed1(const draw_key& k) noexcept {
                                  static_cast<uint32_t>(k.position >> 32) * 0x85EBCA6Bu}};
   philox4x32_10::key_type key{{static_cast<uint32_t>(k.seed), static_cast<uint32_t>(k.seed >> 32)}};
   const auto r = philox4x32_10::apply(c, key);
-  const uint64_t bits = ((static_cast<uint64_t>(r.v[0]) << 32) | r.v[1]) >> 11;  // 53 bits
+  return (static_cast<uint64_t>(r.v[0]) << 32) | r.v[1];
+}
+
+/// A uniform double in (0, 1]: the top 53 bits of random_bits64, plus one, times 2^-53.
+TROPD_HD inline double uniform_open0_closed1(const draw_key& k) noexcept {
+  const uint64_t bits = random_bits64(k) >> 11;
   return (static_cast<double>(bits) + 1.0) * 0x1.0p-53;
 }
 

@@ -9,7 +9,8 @@
 //   renormalised  qk = q / S_K                       dL/dls_v = -q_v / S_K
 //   tail_bucket   raw terms + (1 - S_K) log((1 - S_K) / (1 - P_K)),  P_K = sum_K p_v
 //                 (a teacher tail 1 - S_K <= 1e-6 counts as empty: fp32 lists covering the
-//                 whole vocabulary do not sum to exactly 1)
+//                 whole vocabulary do not sum to exactly 1; a student tail 1 - P_K < 1e-12
+//                 with a non-empty teacher tail is errc::infinite_divergence)
 //                                                    dL/dls_v = -q_v + (1 - S_K) p_v / (1 - P_K)
 //
 // The rule works on log-probabilities at the K ids and returns the sparse gradient
@@ -49,6 +50,8 @@ struct topk_forward_kl {
   topk_tail tail = topk_tail::renormalised;
   /// tail_bucket: teacher tail masses 1 - S_K at or below this are treated as an empty bucket.
   static constexpr double tail_epsilon = 1e-6;
+  /// tail_bucket: log(1 - P_K) below this (a student tail < 1e-12) is an infinite divergence.
+  static constexpr double student_tail_log_floor = -27.631021115928547;  // log(1e-12)
 
   TROPD_HD constexpr status check() const noexcept {
     if (k < 1) return make_error(errc::invalid_parameter, "topk_forward_kl: k must be >= 1");
@@ -114,7 +117,9 @@ struct topk_forward_kl {
       const double tail_t = 1.0 - sk;
       if (tail_t > tail_epsilon) {
         const double log_tail_s = log1mexp(min_(lse_ls, 0.0));  // log(1 - P_K)
-        if (log_tail_s == -inf<double>()) {
+        // A student tail below 1e-12 is below the resolution of log-probs gathered from
+        // logits (the student's mass on K rounds to 1): the divergence is reported infinite.
+        if (log_tail_s < student_tail_log_floor) {
           r.st = make_error(errc::infinite_divergence,
                             "topk_forward_kl: the student puts all its mass on the teacher top-k but the teacher does not (tail bucket)");
           return r;

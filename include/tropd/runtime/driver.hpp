@@ -12,9 +12,12 @@
 //   the caller steps its optimiser after the call.
 //
 // Path selection: if both models expose logits, the row path runs (every objective,
-// including GKD); otherwise the token path runs with the student's log-probs and the
-// teacher's log-probs (objectives whose outlier handler needs top-k lists, whose region
-// needs entropies or with a dense term require the row path and report errc::unsupported).
+// including GKD, except those whose trust estimator needs a third model's log-probs: G-OPD
+// reports errc::unsupported from the driver; call host::evaluate_rows with row_tokens::ref);
+// otherwise the token path runs with the student's log-probs and the teacher's log-probs
+// (objectives whose outlier handler needs top-k lists, whose region needs entropies, in any
+// phase, or with a dense term require the row path and report errc::unsupported). On the
+// token path the models' log-probs must be at the sampling temperature.
 #pragma once
 
 #include <stdint.h>
@@ -38,11 +41,15 @@ struct step_config {
   long long total_steps = 1;  ///< N (> 0)
   long long n = 4;            ///< on-policy continuations per prompt
   int max_new_tokens = 64;    ///< sampling budget per continuation
-  double temperature = 1.0;   ///< sampling temperature (the objective's rows use row_options' temperatures)
+  double temperature = 1.0;   ///< sampling temperature; the row path scores the student at the same
+                              ///< temperature (p_S is the distribution the tokens were drawn from)
   uint64_t seed = 0;          ///< keys sampling, the schedule and the stochastic trust region
   schedules::prefix_cap cap = schedules::prefix_cap::per_sample_fraction;
   long long global_max = 0;   ///< global_cap only
   long long end_token = schedules::no_end_token;
+  uint64_t seq_id_stride = 1'000'003;  ///< sequence ids = step * stride + offset + j (plan.hpp)
+  uint64_t seq_id_offset = 0;          ///< data-parallel ranks pass disjoint offsets
+  double teacher_temperature = 1.0;    ///< row path: teacher logits are divided by it
   int threads = 1;            ///< CPU threads for the row passes
   bool force_token_path = false;  ///< use log-probs even when both models expose logits
 };
@@ -57,10 +64,19 @@ struct step_report {
   double mean_prefix_fraction = 0;  ///< mean over prompts of l / L_T (prompts with L_T > 0)
 };
 
-/// Seed of continuation c at a step: a Philox draw, so seeds never repeat across steps.
-inline uint64_t sample_seed(uint64_t seed, long long step, index_t c) {
-  const double u = uniform_open0_closed1(draw_key{seed, static_cast<uint64_t>(step), static_cast<uint64_t>(c), 0, 0x7361u});
-  return static_cast<uint64_t>(u * 18446744073709551615.0);
+/// Stream id of the per-continuation sampling seeds.
+inline constexpr uint32_t sampling_stream = 0x7361u;  // "sa"
+
+/// Seed of the continuation with global sequence id `seq_id` at a step: 64 Philox bits, so
+/// seeds differ across steps, continuations and (through seq_id_offset) ranks.
+inline uint64_t sample_seed(uint64_t seed, long long step, uint64_t seq_id) {
+  return random_bits64(draw_key{seed, static_cast<uint64_t>(step), seq_id, 0, sampling_stream});
+}
+
+/// Global sequence id of continuation c (the id assemble_batch gives its sequence).
+inline uint64_t continuation_seq_id(const schedules::batch_plan& plan, index_t c) {
+  return static_cast<uint64_t>(plan.step) * plan.seq_id_stride + plan.seq_id_offset +
+         static_cast<uint64_t>(plan.on_policy[static_cast<size_t>(c)]);
 }
 
 template <class Student, class Teacher, class Obj, class Sched>
@@ -85,6 +101,8 @@ status distill_step(Student& student, Teacher& teacher, std::span<const schedule
   po.n = cfg.n;
   po.seed = cfg.seed;
   po.end_token = cfg.end_token;
+  po.seq_id_stride = cfg.seq_id_stride;
+  po.seq_id_offset = cfg.seq_id_offset;
   if constexpr (has_vocab<Student>) po.vocab_size = student.vocab_size();
   TROPD_TRY(schedules::make_plan(schedule, prompts, po, rep.plan));
 
@@ -92,7 +110,8 @@ status distill_step(Student& student, Teacher& teacher, std::span<const schedule
   for (index_t c = 0; c < rep.plan.num_on_policy(); ++c) {
     const auto& ctx = rep.plan.context(c);
     cont[static_cast<size_t>(c)] = student.sample(std::span<const int32_t>(ctx.data(), ctx.size()), cfg.max_new_tokens,
-                                                  cfg.temperature, sample_seed(cfg.seed, cfg.step, c));
+                                                  cfg.temperature,
+                                                  sample_seed(cfg.seed, cfg.step, continuation_seq_id(rep.plan, c)));
   }
   TROPD_TRY(schedules::assemble_batch(rep.plan, std::span<const std::vector<int32_t>>(cont.data(), cont.size()), rep.batch));
   {
@@ -125,6 +144,8 @@ status distill_step(Student& student, Teacher& teacher, std::span<const schedule
       rt.seq_ids = {B.seq_ids.data(), static_cast<index_t>(B.seq_ids.size())};
       host::row_options ro;
       ro.threads = cfg.threads;
+      ro.student_temperature = cfg.temperature;
+      ro.teacher_temperature = cfg.teacher_temperature;
       TROPD_TRY(host::evaluate_rows(obj, make_matrix<const float>(zs.data(), n, V), make_matrix<const float>(zt.data(), n, V), rt, eo,
                                     make_matrix(g.data(), n, V), &rep.loss, &rep.diag, {}, ro));
       TROPD_TRY(student.backward_logits(sb, make_matrix<const float>(g.data(), n, V)));
