@@ -47,6 +47,11 @@ struct no_dense_term {
   TROPD_HD constexpr status check() const noexcept { return {}; }
 };
 
+/// The Dense slot: no_dense_term, or a full-vocabulary divergence applied to every counted
+/// token at row level (estimators/full_vocab.hpp).
+template <class D>
+concept dense_term = std::is_same_v<D, no_dense_term> || estimators::full_vocab_divergence<D>;
+
 /// Bits of the per-token flags output.
 namespace flags {
 inline constexpr uint8_t trusted = 1u << 0;        ///< student token inside the trust region
@@ -59,7 +64,7 @@ inline constexpr uint8_t counted = 1u << 6;        ///< counted by token normali
 }  // namespace flags
 
 template <regions::trust_region Region, estimators::trust_estimator Trust, outliers::outlier_handler Outlier,
-          clippers::clipper Clip, class Dense = no_dense_term>
+          clippers::clipper Clip, dense_term Dense = no_dense_term>
 struct objective {
   using region_type = Region;
   using trust_type = Trust;
@@ -306,8 +311,6 @@ inline fkl_outlier_objective tropd(double guidance_beta = 1e-3, int k = 64,
   return o;
 }
 
-using gkd_objective = objective<regions::all_trusted, estimators::k1_reward, outliers::drop, clippers::pg_clip, estimators::jsd>;
-
 /// GKD (Agarwal et al.; TRL): full-vocabulary generalised JSD(beta) on every non-prompt
 /// token (row level only); no sampled-token term. Whether the sequences are the
 /// student's samples (probability lambda) or dataset sequences is the driver's choice.
@@ -320,9 +323,9 @@ struct gkd_trust_off {
   }
 };
 static_assert(estimators::trust_estimator<gkd_trust_off>);
-using gkd_objective_t = objective<regions::all_trusted, gkd_trust_off, outliers::drop, clippers::no_clip, estimators::jsd>;
-inline gkd_objective_t gkd(double beta = 0.5) {
-  gkd_objective_t o;
+using gkd_objective = objective<regions::all_trusted, gkd_trust_off, outliers::drop, clippers::no_clip, estimators::jsd>;
+inline gkd_objective gkd(double beta = 0.5) {
+  gkd_objective o;
   o.dense.beta = beta;
   return o;
 }

@@ -25,6 +25,8 @@
 //   * PPO clipping (method.md 3): L = max(-rho A, -clip(rho, 1 - eps_low, 1 + eps_high) A),
 //     then for A < 0 the dual clip L = min(L, -c A); dL/ds is -rho A where the unclipped
 //     branch is the active one and 0 otherwise.
+//   * An advantage clamp (REOPOLD's floor, pg_clip's adv_lo) applies before anything is
+//     judged infinite: A = max(-inf, floor) = floor is a finite advantage (method.md 5).
 //   * FKL outlier term, form C: A = -FKL_k evaluated with the rollout-time student
 //     log-probs at the teacher's ids (the current ones when none are given), optionally
 //     clamped A >= -c_max; form P: the loss FKL_k(current student) with the sparse gradient

@@ -127,7 +127,7 @@ status distill_step(Student& student, Teacher& teacher, std::span<const schedule
   const index_t n = static_cast<index_t>(B.tokens.size());
   sequence_batch sb{std::span<const int32_t>(B.tokens.data(), B.tokens.size()),
                     std::span<const index_t>(B.seq_offsets.data(), B.seq_offsets.size())};
-  host::eval_options eo{cfg.seed, static_cast<uint64_t>(cfg.step), cfg.threads};
+  host::eval_options eo{cfg.seed, static_cast<uint64_t>(cfg.step)};
 
   if constexpr (student_with_logits<Student> && teacher_with_logits<Teacher>) {
     if (!cfg.force_token_path) {
