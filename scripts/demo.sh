@@ -3,6 +3,12 @@
 # and builds build/release, then runs tropd-demo (examples/demo/) if it exists,
 # otherwise tropd-example-estimators (examples/estimators.cpp). Arguments are
 # passed through to the program.
+#
+# tropd-demo runs OPD, EOPD, REOPOLD, TrOPD and TrOPD's ablations on a synthetic
+# addition task (5 seeds each by default, about a minute of CPU on 2 cores) and
+# writes out/demo/{summary.csv,curves.csv,curves.png,...}; the plot is drawn with
+# gnuplot, which scripts/setup.sh installs (gnuplot-nox). `bash scripts/demo.sh
+# --help` lists its flags; docs/results.md discusses a default run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
