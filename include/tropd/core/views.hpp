@@ -24,8 +24,13 @@ struct vector_view {
   TROPD_HD constexpr bool empty() const noexcept { return size == 0; }
   TROPD_HD constexpr T* begin() const noexcept { return data; }
   TROPD_HD constexpr T* end() const noexcept { return data + size; }
-  /// Implicit conversion to a view of const elements.
-  TROPD_HD constexpr operator vector_view<const T>() const noexcept { return {data, size}; }
+  /// Implicit conversion to a view of const elements (only for views of non-const T; a
+  /// template, so no compiler sees a conversion of a const view to its own type).
+  template <class U>
+    requires(std::is_same_v<U, const T> && !std::is_const_v<T>)
+  TROPD_HD constexpr operator vector_view<U>() const noexcept {
+    return {data, size};
+  }
 };
 
 template <class T>
@@ -42,7 +47,12 @@ struct matrix_view {
   TROPD_HD constexpr bool valid() const noexcept {
     return rows >= 0 && cols >= 0 && stride >= cols && (rows == 0 || cols == 0 || data != nullptr);
   }
-  TROPD_HD constexpr operator matrix_view<const T>() const noexcept { return {data, rows, cols, stride}; }
+  /// Implicit conversion to a view of const elements (only for views of non-const T).
+  template <class U>
+    requires(std::is_same_v<U, const T> && !std::is_const_v<T>)
+  TROPD_HD constexpr operator matrix_view<U>() const noexcept {
+    return {data, rows, cols, stride};
+  }
 };
 
 /// A contiguous [rows x cols] view (stride = cols unless given).
