@@ -134,7 +134,10 @@ struct reverse_kl {
   /// dL/da_v = p_v (ls_v - lt_v - KL); 0 where p_v = 0.
   template <class F>
   TROPD_HD constexpr F grad(F ls, F lt, F p, F, const row_summary& r) const noexcept {
-    return p > F(0) ? p * ((ls - lt) - F(r.rkl)) : F(0);
+    // Evaluated unconditionally and then selected (not a branch), so the host loop over a
+    // row vectorises: a conditional fp32 conversion could trap and blocks if-conversion.
+    const F g = p * ((ls - lt) - F(r.rkl));
+    return p > F(0) ? g : F(0);
   }
 };
 static_assert(full_vocab_divergence<reverse_kl>);
@@ -168,16 +171,40 @@ struct jsd {
     if (!(beta >= 0.0 && beta <= 1.0)) return make_error(errc::invalid_parameter, "jsd: beta must lie in [0, 1]");
     return {};
   }
+  /// log m = logaddexp(lt + wt, ls + ws) with wt = log beta, ws = log(1 - beta).
+  TROPD_HD void log_m_weights(double& wt, double& ws) const noexcept {
+    wt = log_(beta);
+    ws = log1p_(-beta);
+  }
   template <class F>
   TROPD_HD F log_m(F ls, F lt) const noexcept {
-    return logaddexp(lt + F(log_(beta)), ls + F(log1p_(-beta)));
+    double wt, ws;
+    log_m_weights(wt, ws);
+    return logaddexp(lt + F(wt), ls + F(ws));
+  }
+  /// The two second-pass terms of one element given lm = log_m(ls, lt): q (lt - lm) and
+  /// p (ls - lm), 0 where the weight is 0 (and both 0 for beta = 0 or 1, which need no second
+  /// pass). A backend may compute log m and sum the terms vectorised.
+  template <class F>
+  TROPD_HD void terms_lm(F ls, F lt, F lm, F p, F q, F& t0, F& t1) const noexcept {
+    const bool mix = beta > 0.0 && beta < 1.0;
+    const F a = q * (lt - lm), b = p * (ls - lm);
+    t0 = mix && q > F(0) ? a : F(0);
+    t1 = mix && p > F(0) ? b : F(0);
+  }
+  /// accumulate() given lm = log_m(ls, lt).
+  template <class F>
+  TROPD_HD void accumulate_lm(F ls, F lt, F lm, F p, F q, double* acc) const noexcept {
+    if (beta <= 0.0 || beta >= 1.0) return;
+    F t0, t1;
+    terms_lm(ls, lt, lm, p, q, t0, t1);
+    acc[0] += double(t0);
+    acc[1] += double(t1);
   }
   template <class F>
   TROPD_HD void accumulate(F ls, F lt, F p, F q, double* acc) const noexcept {
     if (beta <= 0.0 || beta >= 1.0) return;
-    const F lm = log_m(ls, lt);
-    if (q > F(0)) acc[0] += double(q * (lt - lm));
-    if (p > F(0)) acc[1] += double(p * (ls - lm));
+    accumulate_lm(ls, lt, log_m(ls, lt), p, q, acc);
   }
   TROPD_HD double value(const row_summary& r) const noexcept {
     if (beta <= 0.0) return r.fkl;
@@ -187,12 +214,21 @@ struct jsd {
   TROPD_HD constexpr bool finite(const row_summary& r) const noexcept {
     return beta <= 0.0 ? r.fkl < inf<double>() : (beta >= 1.0 ? r.rkl < inf<double>() : true);
   }
+  /// grad() given lm = log_m(ls, lt) (read only for 0 < beta < 1). Branch-free in the element
+  /// values (computed, then selected), so a backend's loop over a row vectorises.
+  template <class F>
+  TROPD_HD F grad_lm(F ls, F lt, F lm, F p, F q, const row_summary& r) const noexcept {
+    const F g_fkl = p - q;                                      // beta = 0
+    const F g_rkl = p * ((ls - lt) - F(r.rkl));                 // beta = 1
+    const F g_mix = F(1.0 - beta) * p * ((ls - lm) - F(r.sum1));  // 0 < beta < 1
+    const F g = beta >= 1.0 ? g_rkl : g_mix;
+    const F g0 = p > F(0) ? g : F(0);
+    return beta <= 0.0 ? g_fkl : g0;
+  }
   template <class F>
   TROPD_HD F grad(F ls, F lt, F p, F q, const row_summary& r) const noexcept {
-    if (beta <= 0.0) return p - q;
-    if (beta >= 1.0) return p > F(0) ? p * ((ls - lt) - F(r.rkl)) : F(0);
-    if (!(p > F(0))) return F(0);
-    return F(1.0 - beta) * p * ((ls - log_m(ls, lt)) - F(r.sum1));
+    if (beta <= 0.0 || beta >= 1.0 || !(p > F(0))) return grad_lm(ls, lt, F(0), p, q, r);
+    return grad_lm(ls, lt, log_m(ls, lt), p, q, r);
   }
 };
 static_assert(full_vocab_divergence<jsd>);
@@ -203,16 +239,28 @@ struct total_variation {
   static constexpr const char* name = "total_variation";
   static constexpr bool second_pass = true;
   TROPD_HD constexpr status check() const noexcept { return {}; }
+  /// The two second-pass terms of one element: |p - q| and p sgn(p - q) (branch-free: the
+  /// signs are random, and a backend may sum the terms vectorised).
   template <class F>
-  TROPD_HD constexpr void accumulate(F, F, F p, F q, double* acc) const noexcept {
-    acc[0] += double(abs_(p - q));
-    acc[1] += double(p > q ? p : (p < q ? -p : F(0)));
+  TROPD_HD constexpr void terms(F, F, F p, F q, F& t0, F& t1) const noexcept {
+    const F d = p - q;
+    const F sg = F(d > F(0)) - F(d < F(0));
+    t0 = abs_(d);
+    t1 = p * sg;
+  }
+  template <class F>
+  TROPD_HD constexpr void accumulate(F ls, F lt, F p, F q, double* acc) const noexcept {
+    F t0 = F(0), t1 = F(0);
+    terms(ls, lt, p, q, t0, t1);
+    acc[0] += double(t0);
+    acc[1] += double(t1);
   }
   TROPD_HD constexpr double value(const row_summary& r) const noexcept { return 0.5 * r.sum0; }
   TROPD_HD constexpr bool finite(const row_summary&) const noexcept { return true; }
   template <class F>
   TROPD_HD constexpr F grad(F, F, F p, F q, const row_summary& r) const noexcept {
-    const F sg = p > q ? F(1) : (p < q ? F(-1) : F(0));
+    const F d = p - q;
+    const F sg = F(d > F(0)) - F(d < F(0));
     return F(0.5) * p * (sg - F(r.sum1));
   }
 };

@@ -65,34 +65,34 @@ struct topk_forward_kl {
   template <class FQ, class FS>
   TROPD_HD topk_result eval(const FQ* lq, const FS* ls, int n, double* g) const noexcept {
     topk_result r;
-    double sk = 0, pk = 0, lse_ls = -inf<double>();
+    // Teacher mass in log space: log S_K = logsumexp of the finite entries, so unnormalised
+    // lists (log-probs above 709, or all below -745) neither overflow nor underflow.
+    double lse_q = -inf<double>(), pk = 0, lse_ls = -inf<double>();
     for (int i = 0; i < n; ++i) {
-      const double q = exp_(double(lq[i]));
-      sk += q;
-      if (double(lq[i]) != -inf<double>()) {
-        pk += exp_(double(ls[i]));
-        lse_ls = logaddexp(lse_ls, double(ls[i]));
-        if (double(ls[i]) == -inf<double>()) {
-          r.st = make_error(errc::infinite_divergence, "topk_forward_kl: the student gives zero mass to a teacher top-k id", -1, i);
-          return r;
-        }
+      if (double(lq[i]) == -inf<double>()) continue;
+      lse_q = logaddexp(lse_q, double(lq[i]));
+      pk += exp_(double(ls[i]));
+      lse_ls = logaddexp(lse_ls, double(ls[i]));
+      if (double(ls[i]) == -inf<double>()) {
+        r.st = make_error(errc::infinite_divergence, "topk_forward_kl: the student gives zero mass to a teacher top-k id", -1, i);
+        return r;
       }
     }
-    if (!(sk > 0)) {
+    if (lse_q == -inf<double>()) {
       r.st = make_error(errc::invalid_topk_list, "topk_forward_kl: the teacher top-k list has no finite entry");
       return r;
     }
     if (tail != topk_tail::renormalised) {
-      if (sk > 1.0 + 1e-4) {
+      if (lse_q > 9.9995000333308e-05) {  // log(1 + 1e-4)
         r.st = make_error(errc::invalid_topk_list,
                           "topk_forward_kl: teacher top-k mass exceeds 1; normalise the list or use the renormalised tail");
         return r;
       }
-      sk = min_(sk, 1.0);
+      lse_q = min_(lse_q, 0.0);
     }
+    const double sk = exp_(lse_q);  // may be +inf for an unnormalised renormalised list (unused then)
     r.teacher_mass = sk;
     r.student_mass = pk;
-    const double log_sk = log_(sk);
     double val = 0;
     for (int i = 0; i < n; ++i) {
       const double lqi = double(lq[i]);
@@ -100,13 +100,14 @@ struct topk_forward_kl {
         if (g) g[i] = 0;
         continue;
       }
-      const double q = exp_(lqi);
       const double lsi = double(ls[i]);
       if (tail == topk_tail::renormalised) {
-        const double qn = q / sk;
-        val += qn * ((lqi - log_sk) - lsi);
+        const double lqn = lqi - lse_q;  // log of the renormalised teacher probability
+        const double qn = exp_(lqn);
+        val += qn * (lqn - lsi);
         if (g) g[i] = -qn;
       } else {
+        const double q = exp_(lqi);
         val += q * (lqi - lsi);
         if (g) g[i] = -q;
       }
@@ -114,7 +115,7 @@ struct topk_forward_kl {
     if (tail == topk_tail::tail_bucket) {
       // A teacher tail below 1e-6 is below the resolution of a sum of fp32 probabilities
       // (e.g. a list that covers the whole vocabulary sums to 1 - 1e-8): the bucket is empty.
-      const double tail_t = 1.0 - sk;
+      const double tail_t = -expm1_(lse_q);  // 1 - S_K
       if (tail_t > tail_epsilon) {
         const double log_tail_s = log1mexp(min_(lse_ls, 0.0));  // log(1 - P_K)
         // A student tail below 1e-12 is below the resolution of log-probs gathered from

@@ -9,6 +9,11 @@
 //   4. aggregate     weights w_i from the aggregation mode; loss = sum w_i L_i
 //   5. (rows only)   dL/dz_i = w_i (dL_i/ds (e_y - p) + sum_k g_ik (e_k - p) + dense term) / T_S
 //
+// Row level reads each row pair once for phase A (statistics, teacher top-k, gathers) and
+// the student row once more for phase 5 (the teacher row too only with a dense term): the
+// gradient needs the batch decisions, so it cannot be written during phase A
+// (docs/performance.md).
+//
 // Token level (`evaluate_tokens`): the caller supplies per-token log-probs (and, when the
 // policies need them, entropies, the per-position reverse KL, reference log-probs, and top-k
 // lists with the student's log-probs at the teacher's ids) and receives dL/ds and the
@@ -21,6 +26,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <vector>
 
 #include <tropd/core/numerics.hpp>
@@ -62,7 +68,6 @@ enum class input_policy : int {
 struct eval_options {
   uint64_t seed = 0;  ///< keys the stochastic trust region (with step, sequence id, position)
   uint64_t step = 0;  ///< training step (random draws, phase switches)
-  int threads = 1;    ///< row-level passes only
   input_policy bad_input = input_policy::reject;
 };
 
@@ -144,6 +149,20 @@ status validate_structure(const Obj& obj, const token_batch& b) {
       return make_error(errc::shape_mismatch, "topk_student_old must be empty or [n x K]");
     if (!ids.valid() || !b.topk_teacher.valid() || !b.topk_student.valid() || !b.topk_student_old.valid())
       return make_error(errc::shape_mismatch, "top-k views are malformed");
+    // Ids are structure: a negative or repeated id (among non-padding entries) is an error
+    // under either input policy, as at row level.
+    const index_t K = ids.cols;
+    for (index_t i = 0; i < n; ++i) {
+      if (b.from[i] != origin::student) continue;
+      const float* lq = b.topk_teacher.row(i);
+      const int32_t* id = ids.row(i);
+      for (index_t k = 0; k < K; ++k) {
+        if (lq[k] == -inf<float>()) continue;
+        if (id[k] < 0) return make_error(errc::id_out_of_range, "topk id is negative", i, k);
+        for (index_t j = 0; j < k; ++j)
+          if (lq[j] != -inf<float>() && id[j] == id[k]) return make_error(errc::duplicate_topk_id, "top-k list repeats an id", i, k);
+      }
+    }
   }
   return {};
 }
@@ -166,16 +185,12 @@ status check_token_values(const Obj&, const token_batch& b, index_t i) {
     if (b.from[i] != origin::student) return {};
     const index_t K = b.topk_ids.cols;
     const float* lq = b.topk_teacher.row(i);
-    const int32_t* id = b.topk_ids.row(i);
     for (index_t k = 0; k < K; ++k) {
       if (bad_value(lq[k], true)) return make_error(errc::non_finite_input, "topk_teacher is NaN or +inf", i, k);
       if (lq[k] == -inf<float>()) continue;
       if (bad_value(b.topk_student(i, k), true)) return make_error(errc::non_finite_input, "topk_student is NaN or +inf", i, k);
       if (b.topk_student_old.rows && bad_value(b.topk_student_old(i, k), true))
         return make_error(errc::non_finite_input, "topk_student_old is NaN or +inf", i, k);
-      if (id[k] < 0) return make_error(errc::id_out_of_range, "topk id is negative", i, k);
-      for (index_t j = 0; j < k; ++j)
-        if (lq[j] != -inf<float>() && id[j] == id[k]) return make_error(errc::duplicate_topk_id, "top-k list repeats an id", i, k);
     }
   }
   return {};
@@ -395,6 +410,23 @@ inline status check_token_outputs(const token_outputs& o, index_t n, index_t K) 
   return {};
 }
 
+/// Checks, before anything is written, that every weighted per-token output fits the fp32
+/// outputs (and the fp32 gradient rows): a finite double that overflows float is an error,
+/// never a silent inf.
+inline status check_output_range(const token_batch& b, const applied& a, const std::vector<double>& w) {
+  constexpr double fmax = 3.4028234663852886e38;
+  for (index_t i = 0; i < b.s.size; ++i) {
+    const token_result& r = a.tok[static_cast<size_t>(i)];
+    const double wi = w[static_cast<size_t>(i)];
+    // 2x margin: a dense gradient entry is at most |g_y| + p_j |sum g| <= 2 max|coefficient sum|.
+    double mag = abs_(wi * r.dloss_ds);
+    for (index_t k = 0; k < a.K; ++k) mag += abs_(wi * a.g_topk[static_cast<size_t>(i * a.K + k)]);
+    if (!(2.0 * mag <= fmax) || !(abs_(r.advantage) <= fmax) || !(abs_(r.loss) <= fmax))
+      return make_error(errc::infinite_divergence, "a per-token loss, advantage or gradient overflows fp32 (e.g. rho = exp(s - s_old) too large)", i);
+  }
+  return {};
+}
+
 inline void write_token_outputs(const token_batch& b, const applied& a, const std::vector<double>& w, const token_outputs& o) {
   const index_t n = b.s.size;
   for (index_t i = 0; i < n; ++i) {
@@ -440,6 +472,7 @@ status evaluate_tokens(const Obj& obj, const token_batch& b, const eval_options&
     diagnostics d;
     detail::summarise(obj, bb, trusted, a, w, norm, d);
     d.n_masked_input = n_masked;
+    TROPD_TRY(detail::check_output_range(bb, a, w));
     detail::write_token_outputs(bb, a, w, out);
     if (loss) *loss = d.loss;
     if (diag) *diag = d;
@@ -459,7 +492,7 @@ struct row_tokens {
 };
 
 /// Row-level evaluation with full teacher logits (teacher top-k ids are selected from the
-/// teacher rows where the outlier handler needs them; K = obj.outlier.fkl.k) or with given
+/// teacher rows where the outlier handler needs them; K = min(obj.outlier.fkl.k, V)) or with given
 /// teacher top-k lists (pass `lists`; then teacher logits give t and H_T). grad [n x V] receives
 /// dL/dz. Entropies, the per-position reverse KL and log-probs are computed from the rows.
 template <class Obj, logit_element TS, logit_element TT, grad_element G = float>
@@ -487,7 +520,7 @@ status evaluate_rows(const Obj& obj, matrix_view<const TS> student, matrix_view<
       for (index_t r = 0; r < n; ++r)
         if (tok.from[r] == origin::student) TROPD_TRY(check_topk_row(lists->ids.row(r), lists->logprobs.row(r), int(K), V, r));
     } else {
-      K = obj.outlier.fkl.k;
+      K = std::min<index_t>(obj.outlier.fkl.k, V);  // k > V: the whole vocabulary
     }
     if (tok.topk_student_old.rows != 0 && (tok.topk_student_old.rows != n || tok.topk_student_old.cols != K))
       return make_error(errc::shape_mismatch, "topk_student_old must be empty or [n x K]");
@@ -496,17 +529,24 @@ status evaluate_rows(const Obj& obj, matrix_view<const TS> student, matrix_view<
 
   // Phase A: row statistics (one read of both rows; nothing written). Under
   // input_policy::mask a row with NaN/+inf logits (or no finite entry) becomes a prompt row.
+  // For student rows the teacher's top-k entries (when the outlier handler needs them and no
+  // lists are given) are selected in the same read, and the student's log-probs at the top-k
+  // ids are gathered while the row is in cache.
   const bool mask_bad = opt.bad_input == input_policy::mask;
   std::vector<origin> from_eff(tok.from.begin(), tok.from.end());
   std::vector<uint8_t> row_masked(static_cast<size_t>(n), 0);
   std::vector<estimators::row_summary> sums(static_cast<size_t>(n));
   std::vector<float> s(static_cast<size_t>(n)), t(static_cast<size_t>(n)), hs(static_cast<size_t>(n)),
       ht(static_cast<size_t>(n)), rk(static_cast<size_t>(n));
+  std::vector<int32_t> kid(static_cast<size_t>(n * K), 0);
+  std::vector<float> klq(static_cast<size_t>(n * K), -inf<float>()), kls(static_cast<size_t>(n * K), 0.f);
   TROPD_TRY(parallel_rows(n, ropt.threads, [&](index_t b0, index_t e0) -> status {
-    auto buf = std::make_unique<detail::chunk_buffers<W>>();
+    auto buf = std::make_unique<detail::row_scratch<W>>();
+    if (need_topk && !lists) buf->prepare_topk(int(K));
     for (index_t r = b0; r < e0; ++r) {
       auto& sm = sums[static_cast<size_t>(r)];
-      if (const status st1 = detail::row_pass1(student.row(r), teacher.row(r), V, its, itt, *buf, r, sm); !st1.ok()) {
+      const int select = need_topk && !lists && tok.from[r] == origin::student ? int(K) : 0;
+      if (const status st1 = detail::row_pass1(student.row(r), teacher.row(r), V, its, itt, *buf, r, sm, select); !st1.ok()) {
         if (mask_bad && (st1.code == errc::non_finite_input || st1.code == errc::no_finite_entry)) {
           row_masked[static_cast<size_t>(r)] = 1;
           continue;  // s, t, entropies stay 0; the row gets origin::prompt below
@@ -528,6 +568,25 @@ status evaluate_rows(const Obj& obj, matrix_view<const TS> student, matrix_view<
       rk[static_cast<size_t>(r)] = float(min_(sm.rkl, 1e30));
       if (from_eff[static_cast<size_t>(r)] != origin::prompt && s[static_cast<size_t>(r)] == -inf<float>())
         return make_error(errc::infinite_divergence, "the student gives zero mass to the token at this row", r, y);
+      if (!need_topk || tok.from[r] != origin::student) continue;
+      // Top-k lists and the student's log-probs at them.
+      int32_t* ids = kid.data() + r * K;
+      float* lq = klq.data() + r * K;
+      float* ls = kls.data() + r * K;
+      if (lists) {
+        for (index_t k = 0; k < K; ++k) {
+          lq[k] = lists->logprobs(r, k);
+          ids[k] = lq[k] == -inf<float>() ? 0 : lists->ids(r, k);
+        }
+      } else {
+        for (index_t k = 0; k < K; ++k) {
+          const int32_t id = buf->topk_ids[static_cast<size_t>(k)];
+          lq[k] = id < 0 ? -inf<float>() : float(double(buf->topk_vals[static_cast<size_t>(k)]) - sm.lse_t);
+          ids[k] = id < 0 ? 0 : id;
+        }
+      }
+      for (index_t k = 0; k < K; ++k)
+        ls[k] = lq[k] == -inf<float>() ? 0.f : float(double(W(to_acc(student.row(r)[ids[k]])) * its) - sm.lse_s);
     }
     return {};
   }));
@@ -538,38 +597,6 @@ status evaluate_rows(const Obj& obj, matrix_view<const TS> student, matrix_view<
       from_eff[static_cast<size_t>(r)] = origin::prompt;
       ++n_masked;
     }
-
-  // Phase B: top-k lists and the student's log-probs at them, for student rows.
-  std::vector<int32_t> kid(static_cast<size_t>(n * K), 0);
-  std::vector<float> klq(static_cast<size_t>(n * K), -inf<float>()), kls(static_cast<size_t>(n * K), 0.f);
-  if constexpr (need_topk) {
-    TROPD_TRY(parallel_rows(n, ropt.threads, [&](index_t b0, index_t e0) -> status {
-      std::vector<W> tv(lists ? 0 : static_cast<size_t>(V)), vals(static_cast<size_t>(K));
-      for (index_t r = b0; r < e0; ++r) {
-        if (from_eff[static_cast<size_t>(r)] != origin::student) continue;
-        const auto& sm = sums[static_cast<size_t>(r)];
-        int32_t* ids = kid.data() + r * K;
-        float* lq = klq.data() + r * K;
-        float* ls = kls.data() + r * K;
-        if (lists) {
-          for (index_t k = 0; k < K; ++k) {
-            lq[k] = lists->logprobs(r, k);
-            ids[k] = lq[k] == -inf<float>() ? 0 : lists->ids(r, k);
-          }
-        } else {
-          detail::load_scaled(teacher.row(r), V, itt, tv.data());
-          select_topk(tv.data(), V, int(K), ids, vals.data());
-          for (index_t k = 0; k < K; ++k) {
-            lq[k] = ids[k] < 0 ? -inf<float>() : float(double(vals[static_cast<size_t>(k)]) - sm.lse_t);
-            if (ids[k] < 0) ids[k] = 0;
-          }
-        }
-        for (index_t k = 0; k < K; ++k)
-          ls[k] = lq[k] == -inf<float>() ? 0.f : float(double(W(to_acc(student.row(r)[ids[k]])) * its) - sm.lse_s);
-      }
-      return {};
-    }));
-  }
 
   // Phases 2-4 on the token view of the rows.
   token_batch b;
@@ -615,13 +642,18 @@ status evaluate_rows(const Obj& obj, matrix_view<const TS> student, matrix_view<
     d.loss += d.loss_dense;
   }
 
-  // Phase 5: dense gradient rows.
+  TROPD_TRY(detail::check_output_range(b, a, w));
+
+  // Phase 5: dense gradient rows (reads the student row, and the teacher row only for a
+  // dense term). Each block walks its rows backwards: the rows phase A read last may still
+  // be in the last-level cache.
   if (grad.rows) {
+    const bool stream = detail::stream_gradient(grad);
     TROPD_TRY(parallel_rows(n, ropt.threads, [&](index_t b0, index_t e0) -> status {
-      auto buf = std::make_unique<detail::chunk_buffers<W>>();
+      auto buf = std::make_unique<detail::row_scratch<W>>();
       std::vector<int32_t> ids(static_cast<size_t>(K + 1));
       std::vector<double> coef(static_cast<size_t>(K + 1));
-      for (index_t r = b0; r < e0; ++r) {
+      for (index_t r = e0; r-- > b0;) {
         const double wi = w[static_cast<size_t>(r)];
         const token_result& tr = a.tok[static_cast<size_t>(r)];
         int m = 0;
@@ -639,12 +671,12 @@ status evaluate_rows(const Obj& obj, matrix_view<const TS> student, matrix_view<
         if constexpr (Obj::has_dense) {
           if (from_eff[static_cast<size_t>(r)] != origin::prompt) {
             detail::row_pass2(obj.dense, student.row(r), teacher.row(r), V, its, itt, *buf, sm, obj.dense_weight,
-                              detail::sparse_terms{ids.data(), coef.data(), m}, scale, grad.row(r));
+                              detail::sparse_terms{ids.data(), coef.data(), m}, scale, grad.row(r), stream);
             continue;
           }
         }
         detail::row_pass2(detail::no_dense{}, student.row(r), static_cast<const TT*>(nullptr), V, its, itt, *buf, sm, 0.0,
-                          detail::sparse_terms{ids.data(), coef.data(), m}, scale, grad.row(r));
+                          detail::sparse_terms{ids.data(), coef.data(), m}, scale, grad.row(r), stream);
       }
       return {};
     }));
