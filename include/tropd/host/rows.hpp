@@ -10,10 +10,12 @@
 //           where grad_est is a full-vocabulary estimator's dL/da and g a sparse list of
 //           dL/d log p_S(v) (the sampled token, top-k ids). It reads the student row, and
 //           the teacher row only for a dense estimator.
-// Rows are processed in chunks of `chunk` elements: each chunk is widened (bf16 / fp16 ->
-// fp32 in registers) into an L1 buffer and handled by single loops over Eigen packets
-// (vectorised exp). Sums are centred at the row's running maxima; no [rows x vocab]
-// probability array is ever built.
+// Rows are processed in chunks of `chunk` elements: each chunk is read in place (fp32 at
+// temperature 1) or widened (bf16 / fp16 -> fp32 in registers, temperature applied) into
+// an L1 buffer, and handled by single loops over Eigen packets (vectorised exp); the next
+// chunks are prefetched during the exp loop. Sums are centred at the row's running maxima;
+// no [rows x vocab] probability array is ever built. Costs per element and what bounds
+// them: docs/performance.md.
 //
 // exp per element: pass 1 takes one per row read (student, teacher); pass 2 one per
 // probability it needs (p; q for estimators that read it). Probabilities are formed as
