@@ -774,3 +774,27 @@ TEST_CASE("edges: fixed issue R2: an ok status with a non-finite gradient (logit
     CHECK(o.st.code != errc::non_finite_input);
   }
 }
+
+#if defined(TROPD_KNOWN_ISSUES)  // open issue R2 (docs/robustness.md): fails until fixed
+TEST_CASE("edges: open issue R2: top-k forward KL of a row with a logit at DBL_MAX returns +inf with an ok status") {
+  // fp64 student [DBL_MAX, 1.3, 1.3, 1.3]; renormalised teacher list {1, 2, 3}, 1/3 each.
+  // ls = 1.3 - DBL_MAX at the listed ids, so FKL_k = -(1.3 - DBL_MAX) - log 3 + log 3 ~ DBL_MAX:
+  // finite but at the edge of double. The call must not return +inf with an ok status
+  // (a finite value or infinite_divergence are both acceptable).
+  std::vector<double> z = {std::numeric_limits<double>::max(), 1.3, 1.3, 1.3};
+  std::vector<int32_t> ids = {1, 2, 3};
+  std::vector<float> lq = {-1.0986123f, -1.0986123f, -1.0986123f};
+  std::vector<double> loss(1, 12345.0);
+  std::vector<float> grad(4, 777.f);
+  const host::topk_lists tl{tropd::make_matrix<const int32_t>(ids.data(), 1, 3), tropd::make_matrix<const float>(lq.data(), 1, 3)};
+  const auto st = host::topk_forward_kl_rows(est::topk_forward_kl{3}, tropd::make_matrix<const double>(z.data(), 1, 4), tl,
+                                             tropd::view_of(loss), tropd::make_matrix(grad.data(), 1, 4));
+  if (st.ok()) {
+    CHECK_MESSAGE(std::isfinite(loss[0]), "R2: loss ", loss[0], " with an ok status");
+    for (float g : grad) CHECK(std::isfinite(g));
+  } else {
+    CHECK(st.code == errc::infinite_divergence);
+    CHECK(loss[0] == 12345.0);
+  }
+}
+#endif
