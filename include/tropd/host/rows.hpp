@@ -668,7 +668,6 @@ inline status row_pass1(const TS* zs, const TT* zt, index_t V, W inv_ts, W inv_t
     if (has_t) {
       rb = stage_chunk<W, TT>(zt + c0, n, inv_tt, buf.b, B);
       if (rb.bad) return make_error(errc::non_finite_input, "teacher logits contain NaN or +inf", row, c0 + first_bad(B, n));
-
     }
     // Re-centre the row's sums when a running maximum grows.
     const W Ms2 = max_(Ms, ra.max), Mt2 = max_(Mt, rb.max);
@@ -679,7 +678,7 @@ inline status row_pass1(const TS* zs, const TT* zt, index_t V, W inv_ts, W inv_t
     }
     // The exponentials go to the kept arrays (fused order) or, unused, to the chunk buffers.
     W* kw = buf.keep ? buf.keep_w.p + c0 : buf.wa;
-    W* kv = buf.keep && buf.keep_teacher && has_t ? buf.keep_v.p + c0 : buf.wb;  // (written only when kept)
+    W* kv = buf.keep && buf.keep_teacher && has_t ? buf.keep_v.p + c0 : buf.wb;
     if (buf.keep) {  // (only for fp32 work: see chunk_probs)
       buf.keep_ms[static_cast<size_t>(c)] = Ms;
       if (buf.keep_teacher && has_t) buf.keep_mt[static_cast<size_t>(c)] = Mt;
