@@ -738,8 +738,7 @@ TEST_CASE("edges: fixed issue B8: a finite logit near -DBL_MAX (finfo.min maskin
   CHECK_MESSAGE(r.loss[0] == doctest::Approx(double(rref.value)).epsilon(1e-9), "B8: reverse KL ", r.loss[0], " vs ", double(rref.value));
 }
 
-#if defined(TROPD_KNOWN_ISSUES)  // open issue K1 (docs/robustness.md): fails until fixed
-TEST_CASE("edges: open issue K1: the infinite-divergence rule depends on exp underflow (fp32 vs fp64)") {
+TEST_CASE("edges: fixed issue K1: the infinite-divergence rule follows supports, not exp underflow (fp32 vs fp64)") {
   // Student [0, -200], teacher [0, -inf]: p_1 = e^-200 > 0 = q_1, so KL(p || q) = +inf
   // (docs/estimators.md: "reverse KL with q_v = 0 < p_v reports infinite_divergence").
   // The same logits stored as fp64 and as fp32 must give the same answer.
@@ -749,7 +748,35 @@ TEST_CASE("edges: open issue K1: the infinite-divergence rule depends on exp und
   CHECK(d.st.code == errc::infinite_divergence);
   CHECK_MESSAGE(f.st.code == errc::infinite_divergence, "K1: fp32 rows give ", f.st.ok() ? "ok, loss " + std::to_string(f.loss[0]) : f.st.message());
 }
-#endif
+
+TEST_CASE("edges: K1 across chunks and types: a support mismatch stays infinite through re-centring") {
+  // V = 3000 (three chunks). Entry 5: student -200 (fp32: e^-200 underflows), teacher -inf.
+  // Entry 2900: student +800, so the first chunks' sums are re-centred by e^-800 (0 in fp64).
+  // KL(p || q) = +inf for every storage type; KL(q || p) is finite (the teacher has no mass
+  // where the student has none) and must match the long-double reference.
+  const index_t V = 3000;
+  std::vector<double> zd(V), ud(V);
+  for (index_t j = 0; j < V; ++j) {
+    zd[size_t(j)] = 0.01 * double(j % 17);
+    ud[size_t(j)] = -0.02 * double(j % 13);
+  }
+  zd[5] = -200.0;
+  ud[5] = -dinf;
+  zd[2900] = 800.0;
+  ud[2900] = 3.0;
+  CHECK(div_rows(est::reverse_kl{}, zd, ud, 1, V).st.code == errc::infinite_divergence);
+  CHECK(div_rows(est::reverse_kl{}, stored<float>(zd), stored<float>(ud), 1, V).st.code == errc::infinite_divergence);
+  CHECK(div_rows(est::reverse_kl{}, stored<tropd::bf16>(zd), stored<tropd::bf16>(ud), 1, V).st.code == errc::infinite_divergence);
+  // The other direction: the teacher -inf where the student is finite is harmless for KL(q || p).
+  vec zl(zd.begin(), zd.end()), ul(ud.begin(), ud.end());
+  const auto fref = naive::forward_kl(zl, ul);
+  for (const auto& o : {div_rows(est::forward_kl{}, zd, ud, 1, V), div_rows(est::forward_kl{}, stored<float>(zd), stored<float>(ud), 1, V)}) {
+    REQUIRE_MESSAGE(o.st.ok(), o.st.message());
+    CHECK(o.loss[0] == doctest::Approx(double(fref.value)).epsilon(1e-5).scale(1e-6));
+  }
+  // Swapped roles: the student -inf where the teacher has mass makes KL(q || p) infinite.
+  CHECK(div_rows(est::forward_kl{}, stored<float>(ud), stored<float>(zd), 1, V).st.code == errc::infinite_divergence);
+}
 
 #if defined(TROPD_KNOWN_ISSUES)  // open issue R1 (docs/robustness.md): fails until fixed
 TEST_CASE("edges: open issue R1: finite logits whose scaled value overflows are reported as NaN/+inf") {

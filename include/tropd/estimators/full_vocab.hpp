@@ -46,7 +46,7 @@ struct row_moments {
       const F dt = (mt == -inf<F>()) ? -inf<F>() : mt - mt2;
       const F f = exp_(ds);
       es = f * (es + ss * ds);
-      xs = f * (xs + ss * (ds - dt));
+      if (xs != inf<F>()) xs = f * (xs + ss * (ds - dt));  // +inf (support mismatch) stays +inf
       ss *= f;
     }
     if (st > F(0)) {
@@ -54,7 +54,7 @@ struct row_moments {
       const F ds = (ms == -inf<F>()) ? -inf<F>() : ms - ms2;
       const F f = exp_(dt);
       et = f * (et + st * dt);
-      xt = f * (xt + st * (dt - ds));
+      if (xt != inf<F>()) xt = f * (xt + st * (dt - ds));
       st *= f;
     }
     ms = ms2;

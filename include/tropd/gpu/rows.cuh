@@ -486,17 +486,22 @@ struct moments_pass {
       const W ws = exp_(da);
       if constexpr (HasT) {
         const W db = b[i] - m.mt;
+        // Cross sums follow the supports, not exp underflow (as the host's chunk_sums):
+        // a > -inf = b makes xs +inf whatever e^{a - ms} rounds to.
+        const bool sa = a[i] != -inf<W>(), sb = b[i] != -inf<W>();
         if (ws > W(0)) {
           m.ss += ws;
           m.es += ws * da;
-          m.xs += ws * (b[i] == -inf<W>() ? inf<W>() : da - db);
+          if (sb) m.xs += ws * (da - db);
         }
+        if (sa && !sb) m.xs = inf<W>();
         const W wt = exp_(db);
         if (wt > W(0)) {
           m.st += wt;
           m.et += wt * db;
-          m.xt += wt * (a[i] == -inf<W>() ? inf<W>() : db - da);
+          if (sa) m.xt += wt * (db - da);
         }
+        if (sb && !sa) m.xt = inf<W>();
       } else {
         if (ws > W(0)) {
           m.ss += ws;

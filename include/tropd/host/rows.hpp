@@ -574,7 +574,8 @@ struct alignas(64) row_scratch {
 
 /// Chunk sums of pass 1 (relative to the running maxima Ms, Mt of the row):
 ///   w = e^{a - Ms}: ss = sum w, es = sum w (a - Ms), xs = sum w ((a - Ms) - (b - Mt));
-///   v = e^{b - Mt}: st, et, xt likewise. Terms with zero weight are exact zeros.
+///   v = e^{b - Mt}: st, et, xt likewise. Terms with zero weight are exact zeros, except
+///   that xs (xt) is +inf where a > -inf = b (b > -inf = a): supports, not underflow.
 /// `fast`: no -inf in the chunk (and both maxima finite), so no masking is needed.
 /// `sel`: also marks, per packet, whether a teacher value exceeds `thr` (the top-k heap's
 /// root at the start of the chunk) in the bit mask `hits` (bit j: packet j), so the top-k
@@ -585,6 +586,7 @@ TROPD_HOST_INLINE void chunk_sums(const W* A, const W* B, index_t np, W Ms, W Mt
   using P = packet_t<W>;
   constexpr index_t L = lanes<W>;
   const P ms = pk::pset1<P>(Ms), mt = pk::pset1<P>(Mt), zero = pk::pzero(ms), lo = pk::pset1<P>(exp_floor<W>);
+  [[maybe_unused]] const P ninf = pk::pset1<P>(-inf<W>()), pinf = pk::pset1<P>(inf<W>());
   P ss = zero, es = zero, xs = zero, st = zero, et = zero, xt = zero;
   const bool s_ok = Ms > -inf<W>(), t_ok = Mt > -inf<W>();
   for (index_t i = 0; i < np; i += L) {
@@ -627,9 +629,13 @@ TROPD_HOST_INLINE void chunk_sums(const W* A, const W* B, index_t np, W Ms, W Mt
         const P nd = pk::psub(db, da);
         const P pos_w = pk::pcmp_lt(zero, w), pos_v = pk::pcmp_lt(zero, v);
         if (t_ok) et = pk::padd(et, pk::pselect(pos_v, pk::pmul(v, db), zero));
-        // (b - Mt) is -inf where b = -inf, so xs is +inf exactly when p > 0 = q somewhere.
-        if (s_ok && t_ok) xs = pk::padd(xs, pk::pselect(pos_w, pk::pmul(w, dd), zero));
-        if (s_ok && t_ok) xt = pk::padd(xt, pk::pselect(pos_v, pk::pmul(v, nd), zero));
+        // The cross sums follow the supports (a > -inf, b > -inf), not exp underflow: an
+        // entry the student supports and the teacher does not makes xs +inf whatever its
+        // weight (and likewise xt), so the infinite-divergence rule is the same in fp32 and
+        // fp64 (method.md: KL(p || q) = +inf iff p_v > 0 = q_v somewhere).
+        const P sa = pk::pcmp_lt(ninf, a), sb = pk::pcmp_lt(ninf, b);
+        xs = pk::padd(xs, pk::pselect(sa, pk::pselect(sb, pk::pselect(pos_w, pk::pmul(w, dd), zero), pinf), zero));
+        xt = pk::padd(xt, pk::pselect(sb, pk::pselect(sa, pk::pselect(pos_v, pk::pmul(v, nd), zero), pinf), zero));
       }
     }
   }
@@ -640,10 +646,6 @@ TROPD_HOST_INLINE void chunk_sums(const W* A, const W* B, index_t np, W Ms, W Mt
   out[4] = double(pk::predux(et));
   out[5] = double(pk::predux(xt));
   if constexpr (fast) out[5] = -out[5];
-  if constexpr (teacher && !fast) {  // one side without mass so far: the cross sums are infinite
-    if (s_ok && !t_ok && out[0] > 0) out[2] = inf<double>();
-    if (t_ok && !s_ok && out[3] > 0) out[5] = inf<double>();
-  }
 }
 
 /// Pass 1 over one row pair; teacher may be nullptr (student-only statistics).
