@@ -7,8 +7,8 @@
 // documented errors where it is not.
 //
 // The test cases named "edges: fixed issue <ID>" are regression tests of issues listed in
-// docs/robustness.md. Open issues are reproduced by cases compiled only with
-// -DTROPD_KNOWN_ISSUES (they fail until fixed and are not part of the suite).
+// docs/robustness.md (all of them are fixed; a new open issue would be reproduced by a case
+// compiled only with -DTROPD_KNOWN_ISSUES until it is fixed).
 #include <stdint.h>
 
 #include <algorithm>
@@ -636,8 +636,7 @@ TEST_CASE("edges: fp32 token outputs never overflow silently (B4, fixed)") {
   }
 }
 
-#if defined(TROPD_KNOWN_ISSUES)  // open issue K4 (docs/robustness.md): fails until fixed
-TEST_CASE("edges: open issue K4: row gradients that overflow fp32 are written as inf / NaN with an ok status") {
+TEST_CASE("edges: fixed issue K4: row gradients that overflow fp32 were written as inf / NaN with an ok status") {
   // A sampled estimator whose dL/ds * grad_scale / T_S exceeds fp32 in the gradient rows.
   const index_t V = 4;
   std::vector<float> z = {0.f, 1.f, 2.f, 3.f}, u = {3.f, 2.f, 1.f, 0.f};
@@ -652,19 +651,39 @@ TEST_CASE("edges: open issue K4: row gradients that overflow fp32 are written as
   // dL/ds = s - t ~ -59 (s at temperature 0.05, t at 1), scale 1e20 / 0.05 = 2e21: |grad| ~ 1e23 fits fp32.
   REQUIRE_MESSAGE(st.ok(), st.message());
   for (float g : grad) CHECK(std::isfinite(g));
-  gs = {1e37};  // now |grad| ~ 1e39 > FLT_MAX: an error, not inf
-  std::fill(grad.begin(), grad.end(), 777.f);
-  const auto st2 = host::sampled_rows(est::sampled<est::k2, est::as_loss>{}, tropd::make_matrix<const float>(z.data(), 1, V),
-                                      tropd::make_matrix<const float>(u.data(), 1, V), tropd::view_of(id), tropd::view_of(s_old),
-                                      tropd::view_of(loss), tropd::make_matrix(grad.data(), 1, V), opt, tropd::view_of(gs));
-  if (st2.ok()) {
-    for (float g : grad) CHECK_MESSAGE(std::isfinite(g), "K4: gradient written as ", g, " with an ok status");
-  } else {
-    CHECK(st2.code == errc::infinite_divergence);
-    CHECK(grad[0] == 777.f);
+  // Now |grad| ~ 1e39 > FLT_MAX in row 2 of 4: the documented rule (docs/robustness.md) is
+  // infinite_divergence naming the row and the first column that does not fit, the losses
+  // untouched; gradient rows may be partly written (the overflow is found while writing).
+  const index_t N = 4;
+  std::vector<float> z4, u4;
+  for (index_t r = 0; r < N; ++r) {
+    z4.insert(z4.end(), z.begin(), z.end());
+    u4.insert(u4.end(), u.begin(), u.end());
   }
+  std::vector<int32_t> id4(N, 0);
+  std::vector<double> s_old4(N, -200.0), loss4(N, 12345.0), gs4 = {1.0, 1e20, 1e37, 1.0};
+  std::vector<float> grad4(size_t(N * V), 777.f);
+  for (const bool fused : {false, true}) {
+    opt.fused = fused;
+    const auto st2 = host::sampled_rows(est::sampled<est::k2, est::as_loss>{}, tropd::make_matrix<const float>(z4.data(), N, V),
+                                        tropd::make_matrix<const float>(u4.data(), N, V), tropd::view_of(id4), tropd::view_of(s_old4),
+                                        tropd::view_of(loss4), tropd::make_matrix(grad4.data(), N, V), opt, tropd::view_of(gs4));
+    CHECK_MESSAGE(st2.code == errc::infinite_divergence, "K4: ", st2.ok() ? "ok status" : st2.message());
+    CHECK(st2.row == 2);
+    CHECK(st2.col == 0);
+    CHECK(std::string(st2.message()).find("output type") != std::string::npos);
+    for (double l : loss4) CHECK(l == 12345.0);
+  }
+  // fp64 gradients of fp64 rows hold it: |grad| ~ 1e39 is finite in double.
+  std::vector<double> zd(z4.begin(), z4.end()), ud(u4.begin(), u4.end()), gd(size_t(N * V));
+  opt.fused = false;
+  const auto st3 = host::sampled_rows(est::sampled<est::k2, est::as_loss>{}, tropd::make_matrix<const double>(zd.data(), N, V),
+                                      tropd::make_matrix<const double>(ud.data(), N, V), tropd::view_of(id4), tropd::view_of(s_old4),
+                                      tropd::view_of(loss4), tropd::make_matrix(gd.data(), N, V), opt, tropd::view_of(gs4));
+  REQUIRE_MESSAGE(st3.ok(), st3.message());
+  for (double g : gd) CHECK(std::isfinite(g));
+  CHECK(std::fabs(gd[size_t(2 * V)]) > 1e38);
 }
-#endif
 
 TEST_CASE("edges: fixed issue B5: k far above V is not clamped (buffers of rows x k entries)") {
 #if defined(__unix__) && !defined(TROPD_TEST_SANITIZED)
@@ -706,8 +725,7 @@ TEST_CASE("edges: fixed issue B5: k far above V is not clamped (buffers of rows 
 #endif
 }
 
-#if defined(TROPD_KNOWN_ISSUES)  // open issue B6 (docs/robustness.md): fails until fixed
-TEST_CASE("edges: open issue B6: tail bucket with a student that has no mass outside the list") {
+TEST_CASE("edges: fixed issue B6: tail bucket with a student that has no mass outside the list") {
   // The student's entries outside the teacher's top-3 are -inf: 1 - P_K = 0 while the
   // teacher's tail is ~0.3: the tail bucket term is infinite (documented: infinite_divergence).
   // The library computes 1 - P_K from rounded log-probs and returns ~4.26.
@@ -719,7 +737,6 @@ TEST_CASE("edges: open issue B6: tail bucket with a student that has no mass out
                                              tropd::make_matrix<const float>(u.data(), 1, V), tropd::view_of(loss));
   CHECK_MESSAGE(st.code == errc::infinite_divergence, "B6: got ", st.ok() ? "ok, loss " + std::to_string(loss[0]) : st.message());
 }
-#endif
 
 TEST_CASE("edges: fixed issue B8: a finite logit near -DBL_MAX (finfo.min masking) shifts KL by O(1)") {
   // Student entry 1 masked with -DBL_MAX instead of -inf; the teacher gives it ~e^-800.
@@ -778,15 +795,117 @@ TEST_CASE("edges: K1 across chunks and types: a support mismatch stays infinite 
   CHECK(div_rows(est::forward_kl{}, stored<float>(ud), stored<float>(zd), 1, V).st.code == errc::infinite_divergence);
 }
 
-#if defined(TROPD_KNOWN_ISSUES)  // open issue R1 (docs/robustness.md): fails until fixed
-TEST_CASE("edges: open issue R1: finite logits whose scaled value overflows are reported as NaN/+inf") {
+TEST_CASE("edges: fixed issue R1: finite logits whose scaled value overflows were reported as NaN/+inf") {
   // 3e38 / 0.05 overflows fp32: the input is finite, the maths too (p = q = e_0).
   std::vector<float> z = {3e38f, 0.f}, u = {3e38f, 0.f};
   const auto o = div_rows(est::reverse_kl{}, z, u, 1, 2, 0.05, 0.05);
   CHECK_MESSAGE(o.st.code != errc::non_finite_input, "R1: ", o.st.message());
   if (o.st.ok()) CHECK(o.loss[0] == doctest::Approx(0).scale(1e-6));
+  // The rule: a finite input that overflows only once scaled is `unsupported`, naming the
+  // position and the remedy; a NaN / +inf input stays non_finite_input, at its position.
+  CHECK(o.st.code == errc::unsupported);
+  CHECK(o.st.row == 0);
+  CHECK(o.st.col == 0);
+  CHECK(std::string(o.st.message()).find("temperature") != std::string::npos);
+  std::vector<float> u2 = {0.f, 3e38f}, z2 = {0.f, 1.f};
+  const auto o2 = div_rows(est::reverse_kl{}, z2, u2, 1, 2, 1.0, 0.05);
+  CHECK(o2.st.code == errc::unsupported);
+  CHECK(o2.st.col == 1);
+  CHECK(std::string(o2.st.message()).find("teacher") != std::string::npos);
+  std::vector<float> z3 = {0.f, std::numeric_limits<float>::quiet_NaN()};
+  const auto o3 = div_rows(est::reverse_kl{}, z3, z2, 1, 2, 0.05, 0.05);
+  CHECK(o3.st.code == errc::non_finite_input);
+  CHECK(o3.st.col == 1);
+  // In fp64 the same logits are fine: p = q = e_0 at T = 0.05.
+  std::vector<double> zd = {3e38, 0.0};
+  const auto od = div_rows(est::reverse_kl{}, zd, zd, 1, 2, 0.05, 0.05);
+  REQUIRE_MESSAGE(od.st.ok(), od.st.message());
+  CHECK(od.loss[0] == doctest::Approx(0).scale(1e-12));
 }
-#endif
+
+TEST_CASE("edges: B6: tail bucket with a student tail of ~1e-15 (value and gradient without cancellation)") {
+  // V = 3000; the teacher's top-10 ids carry student logit 40, every other entry 0 (and a
+  // few -inf). Student tail T = n_out e^-40 / (10 + n_out e^-40) ~ 1.3e-15: far below what
+  // 1 - P_K resolves in double. Teacher list: 0.09 per id (S_K = 0.9, tail 0.1).
+  // Reference, computed here in long double without 1 - P_K:
+  //   value = sum_K q (log q - ls) + (1 - S_K) (log(1 - S_K) - log T)
+  //   dL/dz_j = p_j - q_j on K;  p_j (S_K - P_K) / T = p_j (1 - (1 - S_K) / T) off K.
+  const index_t V = 3000;
+  const int K = 10;
+  std::vector<double> z(V, 0.0), u(V, -5.0);
+  std::vector<int32_t> ids;
+  for (int i = 0; i < K; ++i) ids.push_back(int32_t(7 + 300 * i));
+  for (int32_t id : ids) {
+    z[size_t(id)] = 40.0;
+    u[size_t(id)] = 10.0;
+  }
+  index_t n_out = 0;
+  for (index_t j = 0; j < V; ++j) {
+    if (z[size_t(j)] == 40.0) continue;
+    if (j % 97 == 3) z[size_t(j)] = -dinf;
+    else ++n_out;
+  }
+  const ld e40 = std::exp(-40.0L), lse = 40.0L + std::log(ld(K) + ld(n_out) * e40);
+  const ld T = ld(n_out) * e40 / (ld(K) + ld(n_out) * e40), SK = 0.9L, q = SK / K;
+  ld want = 0;
+  for (int i = 0; i < K; ++i) want += q * (std::log(q) - (40.0L - lse));
+  want += (1 - SK) * (std::log(1 - SK) - std::log(T));
+  std::vector<ld> gref(V);
+  for (index_t j = 0; j < V; ++j) {
+    const ld p = z[size_t(j)] == -dinf ? 0.0L : std::exp(ld(z[size_t(j)]) - lse);
+    gref[size_t(j)] = z[size_t(j)] == 40.0 ? p - q : p * (1 - (1 - SK) / T);
+  }
+  std::vector<float> lq(K, float(std::log(0.09)));
+  auto check = [&](const char* what, tropd::status st, double loss, const std::vector<float>& g) {
+    INFO(what);
+    REQUIRE_MESSAGE(st.ok(), st.message());
+    CHECK(loss == doctest::Approx(double(want)).epsilon(1e-6));
+    ld err = 0, norm = 0;
+    for (index_t j = 0; j < V; ++j) {
+      err = std::max(err, std::fabs(ld(g[size_t(j)]) - gref[size_t(j)]));
+      norm = std::max(norm, std::fabs(gref[size_t(j)]));
+    }
+    CHECK_MESSAGE(err <= 1e-5L * norm, what, ": gradient error ", double(err), " of ", double(norm));
+  };
+  const est::topk_forward_kl tb{K, est::topk_tail::tail_bucket};
+  const host::topk_lists tl{tropd::make_matrix<const int32_t>(ids.data(), 1, K), tropd::make_matrix<const float>(lq.data(), 1, K)};
+  for (int dt = 0; dt < 2; ++dt) {
+    std::vector<double> loss(1);
+    std::vector<float> g(V);
+    tropd::status st;
+    if (dt == 0) {
+      st = host::topk_forward_kl_rows(tb, tropd::make_matrix<const double>(z.data(), 1, V), tl, tropd::view_of(loss),
+                                      tropd::make_matrix(g.data(), 1, V));
+    } else {
+      const auto zf = stored<float>(z);
+      st = host::topk_forward_kl_rows(tb, tropd::make_matrix<const float>(zf.data(), 1, V), tl, tropd::view_of(loss),
+                                      tropd::make_matrix(g.data(), 1, V));
+    }
+    check(dt == 0 ? "lists, fp64" : "lists, fp32", st, loss[0], g);
+  }
+  // From teacher logits (the teacher's top-10 are the same ids, teacher logit 0 there and
+  // -5 elsewhere: S_K ~ 0.33, a tail that fp32 statistics resolve): the result must match
+  // the lists path given the teacher's own log-probs.
+  {
+    for (int32_t id : ids) u[size_t(id)] = 0.0;
+    const auto zf = stored<float>(z), uf = stored<float>(u);
+    std::vector<double> loss(1), loss2(1);
+    std::vector<float> g(V), g2(V);
+    const auto st = host::topk_forward_kl_rows(tb, tropd::make_matrix<const float>(zf.data(), 1, V), tropd::make_matrix<const float>(uf.data(), 1, V),
+                                               tropd::view_of(loss), tropd::make_matrix(g.data(), 1, V));
+    REQUIRE_MESSAGE(st.ok(), st.message());
+    ld lse_t = 0;
+    for (index_t j = 0; j < V; ++j) lse_t += std::exp(ld(u[size_t(j)]));
+    lse_t = std::log(lse_t);
+    std::vector<float> lq2(K, float(-lse_t));
+    const host::topk_lists tl2{tropd::make_matrix<const int32_t>(ids.data(), 1, K), tropd::make_matrix<const float>(lq2.data(), 1, K)};
+    REQUIRE(host::topk_forward_kl_rows(tb, tropd::make_matrix<const float>(zf.data(), 1, V), tl2, tropd::view_of(loss2),
+                                       tropd::make_matrix(g2.data(), 1, V))
+                .ok());
+    CHECK(loss[0] == doctest::Approx(loss2[0]).epsilon(1e-6));
+    for (index_t j = 0; j < V; ++j) CHECK(g[size_t(j)] == doctest::Approx(g2[size_t(j)]).epsilon(1e-5).scale(1e-9));
+  }
+}
 
 TEST_CASE("edges: fixed issue R2: an ok status with a non-finite gradient (logit spread beyond the work type's range)") {
   // fp64 student logits 1.5e308 and -1.1e308 (spread beyond DBL_MAX), fp16 teacher.
@@ -802,8 +921,7 @@ TEST_CASE("edges: fixed issue R2: an ok status with a non-finite gradient (logit
   }
 }
 
-#if defined(TROPD_KNOWN_ISSUES)  // open issue R2 (docs/robustness.md): fails until fixed
-TEST_CASE("edges: open issue R2: top-k forward KL of a row with a logit at DBL_MAX returns +inf with an ok status") {
+TEST_CASE("edges: fixed issue R2: top-k forward KL of a row with a logit at DBL_MAX returned +inf with an ok status") {
   // fp64 student [DBL_MAX, 1.3, 1.3, 1.3]; renormalised teacher list {1, 2, 3}, 1/3 each.
   // ls = 1.3 - DBL_MAX at the listed ids, so FKL_k = -(1.3 - DBL_MAX) - log 3 + log 3 ~ DBL_MAX:
   // finite but at the edge of double. The call must not return +inf with an ok status
@@ -824,4 +942,3 @@ TEST_CASE("edges: open issue R2: top-k forward KL of a row with a logit at DBL_M
     CHECK(loss[0] == 12345.0);
   }
 }
-#endif

@@ -9,8 +9,10 @@
 //   renormalised  qk = q / S_K                       dL/dls_v = -q_v / S_K
 //   tail_bucket   raw terms + (1 - S_K) log((1 - S_K) / (1 - P_K)),  P_K = sum_K p_v
 //                 (a teacher tail 1 - S_K <= 1e-6 counts as empty: fp32 lists covering the
-//                 whole vocabulary do not sum to exactly 1; a student tail 1 - P_K < 1e-12
-//                 with a non-empty teacher tail is errc::infinite_divergence)
+//                 whole vocabulary do not sum to exactly 1. A student tail 1 - P_K = 0 with a
+//                 non-empty teacher tail is errc::infinite_divergence; estimated from the
+//                 gathered log-probs alone, 1 - P_K < 1e-12 is taken as 0. The host row
+//                 passes give eval the exact log(1 - P_K) from the whole student row.)
 //                                                    dL/dls_v = -q_v + (1 - S_K) p_v / (1 - P_K)
 //
 // The rule works on log-probabilities at the K ids and returns the sparse gradient
@@ -40,6 +42,7 @@ struct topk_result {
   double value = 0;          ///< FKL_k
   double teacher_mass = 0;   ///< S_K (after validation; before renormalisation)
   double student_mass = 0;   ///< P_K
+  double tail_coef = 0;      ///< tail_bucket: c = (1 - S_K) / (1 - P_K), included in g as c p_v (0: no tail term)
   status st{};               ///< infinite_divergence / invalid_topk_list on failure
 };
 
@@ -62,8 +65,13 @@ struct topk_forward_kl {
 
   /// n entries: lq[i] teacher log-prob (may be -inf: padding), ls[i] student log-prob at
   /// the same id. Writes g[i] = dL/d ls_i (may be nullptr). Works in double.
+  /// `log_student_tail` (tail_bucket only): log(1 - P_K) computed exactly by a caller that
+  /// has the student's whole row (-inf: the student has no mass outside the list); NaN
+  /// (the default) estimates it from the ls entries as log1mexp(logsumexp ls), which cannot
+  /// resolve a student tail below ~1e-12 (then reported as infinite_divergence).
   template <class FQ, class FS>
-  TROPD_HD topk_result eval(const FQ* lq, const FS* ls, int n, double* g) const noexcept {
+  TROPD_HD topk_result eval(const FQ* lq, const FS* ls, int n, double* g,
+                            double log_student_tail = quiet_nan<double>()) const noexcept {
     topk_result r;
     // Teacher mass in log space: log S_K = logsumexp of the finite entries, so unnormalised
     // lists (log-probs above 709, or all below -745) neither overflow nor underflow.
@@ -117,10 +125,12 @@ struct topk_forward_kl {
       // (e.g. a list that covers the whole vocabulary sums to 1 - 1e-8): the bucket is empty.
       const double tail_t = -expm1_(lse_q);  // 1 - S_K
       if (tail_t > tail_epsilon) {
-        const double log_tail_s = log1mexp(min_(lse_ls, 0.0));  // log(1 - P_K)
-        // A student tail below 1e-12 is below the resolution of log-probs gathered from
-        // logits (the student's mass on K rounds to 1): the divergence is reported infinite.
-        if (log_tail_s < student_tail_log_floor) {
+        const bool exact = log_student_tail == log_student_tail;  // not NaN
+        const double log_tail_s = exact ? min_(log_student_tail, 0.0) : log1mexp(min_(lse_ls, 0.0));  // log(1 - P_K)
+        // Estimated: a student tail below 1e-12 is below the resolution of log-probs gathered
+        // from logits (the student's mass on K rounds to 1): the divergence is reported
+        // infinite. Exact: only a student with no mass outside the list is.
+        if (exact ? log_tail_s == -inf<double>() : log_tail_s < student_tail_log_floor) {
           r.st = make_error(errc::infinite_divergence,
                             "topk_forward_kl: the student puts all its mass on the teacher top-k but the teacher does not (tail bucket)");
           return r;
@@ -128,6 +138,7 @@ struct topk_forward_kl {
         val += tail_t * (log_(tail_t) - log_tail_s);
         if (g) {
           const double c = tail_t * exp_(-log_tail_s);  // (1 - S_K) / (1 - P_K)
+          r.tail_coef = c;
           for (int i = 0; i < n; ++i)
             if (double(lq[i]) != -inf<double>()) g[i] += c * exp_(double(ls[i]));
         }

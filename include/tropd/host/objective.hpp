@@ -55,6 +55,10 @@ struct token_batch {
   matrix_view<const float> topk_teacher;      ///< [n x K] teacher log-probs at those ids (-inf: padding)
   matrix_view<const float> topk_student;      ///< [n x K] current student log-probs at those ids
   matrix_view<const float> topk_student_old;  ///< [n x K] rollout-time student log-probs (optional: = current)
+  /// [n] optional: log(1 - P_K), the current student's exact log-mass outside the top-k list
+  /// (-inf: none; NaN entries: unknown). Read only by the tail-bucket policy, which otherwise
+  /// estimates it from topk_student (unresolvable below ~1e-12). evaluate_rows fills it.
+  vector_view<const double> topk_student_tail_log;
 };
 
 /// What to do with non-finite or out-of-range per-token values (docs/robustness.md).
@@ -147,6 +151,8 @@ status validate_structure(const Obj& obj, const token_batch& b) {
       return make_error(errc::shape_mismatch, "this outlier handler needs [n x K] topk_ids, topk_teacher and topk_student (K >= 1)");
     if (b.topk_student_old.rows != 0 && (b.topk_student_old.rows != n || b.topk_student_old.cols != ids.cols))
       return make_error(errc::shape_mismatch, "topk_student_old must be empty or [n x K]");
+    if (b.topk_student_tail_log.size != 0 && b.topk_student_tail_log.size != n)
+      return make_error(errc::shape_mismatch, "topk_student_tail_log must be empty or have n entries");
     if (!ids.valid() || !b.topk_teacher.valid() || !b.topk_student.valid() || !b.topk_student_old.valid())
       return make_error(errc::shape_mismatch, "top-k views are malformed");
     // Ids are structure: a negative or repeated id (among non-padding entries) is an error
@@ -192,6 +198,8 @@ status check_token_values(const Obj&, const token_batch& b, index_t i) {
       if (b.topk_student_old.rows && bad_value(b.topk_student_old(i, k), true))
         return make_error(errc::non_finite_input, "topk_student_old is NaN or +inf", i, k);
     }
+    if (b.topk_student_tail_log.size && b.topk_student_tail_log[i] > 1e-9)
+      return make_error(errc::invalid_parameter, "topk_student_tail_log is > 0 (a log-mass)", i);
   }
   return {};
 }
@@ -297,6 +305,7 @@ status apply(const Obj& obj, const token_batch& b, const std::vector<uint8_t>& t
       in.topk.teacher = b.topk_teacher.row(i);
       in.topk.student = b.topk_student.rows ? b.topk_student.row(i) : nullptr;
       in.topk.student_old = b.topk_student_old.rows ? b.topk_student_old.row(i) : nullptr;
+      in.topk.student_tail_log = b.topk_student_tail_log.size ? b.topk_student_tail_log[i] : detail::nan_d();
       in.topk.k = static_cast<int>(out.K);
       g = out.g_topk.data() + i * out.K;
     }
@@ -540,6 +549,12 @@ status evaluate_rows(const Obj& obj, matrix_view<const TS> student, matrix_view<
       ht(static_cast<size_t>(n)), rk(static_cast<size_t>(n));
   std::vector<int32_t> kid(static_cast<size_t>(n * K), 0);
   std::vector<float> klq(static_cast<size_t>(n * K), -inf<float>()), kls(static_cast<size_t>(n * K), 0.f);
+  std::vector<double> ktail;  // exact log(1 - P_K) per row for the tail-bucket policy (NaN: not computed)
+  bool exact_tail = false;
+  if constexpr (need_topk) {
+    exact_tail = obj.outlier.fkl.tail == estimators::topk_tail::tail_bucket;
+    if (exact_tail) ktail.assign(static_cast<size_t>(n), detail::nan_d());
+  }
   TROPD_TRY(parallel_rows(n, ropt.threads, [&](index_t b0, index_t e0) -> status {
     auto buf = std::make_unique<detail::row_scratch<W>>();
     if (need_topk && !lists) buf->prepare_topk(int(K));
@@ -587,6 +602,9 @@ status evaluate_rows(const Obj& obj, matrix_view<const TS> student, matrix_view<
       }
       for (index_t k = 0; k < K; ++k)
         ls[k] = lq[k] == -inf<float>() ? 0.f : float(double(W(to_acc(student.row(r)[ids[k]])) * its) - sm.lse_s);
+      if (exact_tail)
+        ktail[static_cast<size_t>(r)] =
+            detail::student_tail_log(student.row(r), V, its, sm.lse_s, ids, int(K), [&](int k) { return lq[k] == -inf<float>(); }, *buf);
     }
     return {};
   }));
@@ -615,6 +633,7 @@ status evaluate_rows(const Obj& obj, matrix_view<const TS> student, matrix_view<
     b.topk_teacher = make_matrix<const float>(klq.data(), n, K);
     b.topk_student = make_matrix<const float>(kls.data(), n, K);
     b.topk_student_old = tok.topk_student_old;
+    if (exact_tail) b.topk_student_tail_log = {ktail.data(), n};
   }
   TROPD_TRY(detail::validate_structure(obj, b));
   TROPD_TRY(detail::check_token_outputs(tout, n, K));
@@ -670,13 +689,15 @@ status evaluate_rows(const Obj& obj, matrix_view<const TS> student, matrix_view<
         const auto& sm = sums[static_cast<size_t>(r)];
         if constexpr (Obj::has_dense) {
           if (from_eff[static_cast<size_t>(r)] != origin::prompt) {
-            detail::row_pass2(obj.dense, student.row(r), teacher.row(r), V, its, itt, *buf, sm, obj.dense_weight,
-                              detail::sparse_terms{ids.data(), coef.data(), m}, scale, grad.row(r), stream);
+            TROPD_TRY(detail::gradient_status(r, detail::row_pass2(obj.dense, student.row(r), teacher.row(r), V, its, itt, *buf, sm,
+                                                                   obj.dense_weight, detail::sparse_terms{ids.data(), coef.data(), m},
+                                                                   scale, grad.row(r), stream)));
             continue;
           }
         }
-        detail::row_pass2(detail::no_dense{}, student.row(r), static_cast<const TT*>(nullptr), V, its, itt, *buf, sm, 0.0,
-                          detail::sparse_terms{ids.data(), coef.data(), m}, scale, grad.row(r), stream);
+        TROPD_TRY(detail::gradient_status(r, detail::row_pass2(detail::no_dense{}, student.row(r), static_cast<const TT*>(nullptr), V,
+                                                               its, itt, *buf, sm, 0.0, detail::sparse_terms{ids.data(), coef.data(), m},
+                                                               scale, grad.row(r), stream)));
       }
       return {};
     }));

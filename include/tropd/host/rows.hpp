@@ -548,6 +548,9 @@ struct alignas(64) row_scratch {
   std::vector<W> topk_vals;
   std::vector<double> lq, ls;
 
+  // Sorted ids of a top-k list (student_tail_log).
+  std::vector<int32_t> tail_ids;
+
   // Sparse gradient terms of a row, sorted by id (stable).
   std::vector<int32_t> sp_ids;
   std::vector<double> sp_coef;
@@ -648,6 +651,21 @@ TROPD_HOST_INLINE void chunk_sums(const W* A, const W* B, index_t np, W Ms, W Mt
   if constexpr (fast) out[5] = -out[5];
 }
 
+/// The error for a chunk whose scaled values hold a NaN or +inf: non_finite_input when the
+/// input itself is NaN / +inf; unsupported when a finite logit overflowed only once divided
+/// by the temperature in the work type (e.g. 3e38 at T = 0.05 in fp32).
+template <class W, class T>
+inline status bad_logit(const T* raw, const W* scaled, index_t n, index_t c0, index_t row, bool student) noexcept {
+  const index_t j = first_bad(scaled, n);
+  if (is_finite(to_acc(raw[j])))
+    return make_error(errc::unsupported,
+                      student ? "a finite student logit divided by the temperature overflows the work type (pass fp64 logits or use a larger temperature)"
+                              : "a finite teacher logit divided by the temperature overflows the work type (pass fp64 logits or use a larger temperature)",
+                      row, c0 + j);
+  return make_error(errc::non_finite_input, student ? "student logits contain NaN or +inf" : "teacher logits contain NaN or +inf", row,
+                    c0 + j);
+}
+
 /// Pass 1 over one row pair; teacher may be nullptr (student-only statistics).
 /// Reads each row once: per chunk, widen/scale into L1, one scan (maxima, NaN/+inf), one
 /// exp pass (both rows' sums). Sums are kept relative to the running maxima of the row and
@@ -665,11 +683,11 @@ inline status row_pass1(const TS* zs, const TT* zt, index_t V, W inv_ts, W inv_t
     const index_t n = std::min(chunk, V - c0), np = padded<W>(n);
     const W *A = buf.a, *B = buf.b;
     const range_info<W> ra = stage_chunk<W, TS>(zs + c0, n, inv_ts, buf.a, A);
-    if (ra.bad) return make_error(errc::non_finite_input, "student logits contain NaN or +inf", row, c0 + first_bad(A, n));
+    if (ra.bad) return bad_logit(zs + c0, A, n, c0, row, true);
     range_info<W> rb{-inf<W>(), false, false};
     if (has_t) {
       rb = stage_chunk<W, TT>(zt + c0, n, inv_tt, buf.b, B);
-      if (rb.bad) return make_error(errc::non_finite_input, "teacher logits contain NaN or +inf", row, c0 + first_bad(B, n));
+      if (rb.bad) return bad_logit(zt + c0, B, n, c0, row, false);
     }
     // Re-centre the row's sums when a running maximum grows.
     const W Ms2 = max_(Ms, ra.max), Mt2 = max_(Mt, rb.max);
@@ -747,6 +765,56 @@ inline status row_pass1(const TS* zs, const TT* zt, index_t V, W inv_ts, W inv_t
   if (!has_t) { out.lse_t = 0; out.rkl = out.fkl = out.ent_t = 0; }
   buf.kept = buf.keep;
   return {};
+}
+
+/// log(1 - P_K) of a student row, for the tail-bucket policy: the log-mass of the entries
+/// outside the list ids[0, n) (entries with pad(i) true are not in the list). Without
+/// cancellation: when the tail estimated from the listed log-probs is above 1e-3 that
+/// estimate is used (relative error ~1e-13); otherwise the entries outside the list are
+/// summed directly in one more read of the student row (log-sum-exp over the row minus the
+/// listed ids). -inf exactly when the student has no finite logit outside the list, in
+/// every work type.
+template <class W, class TS, class Pad>
+inline double student_tail_log(const TS* zs, index_t V, W its, double lse_s, const int32_t* ids, int n, Pad&& pad,
+                               row_scratch<W>& buf) {
+  double lse_k = -inf<double>();
+  buf.tail_ids.clear();
+  for (int i = 0; i < n; ++i) {
+    if (pad(i)) continue;
+    buf.tail_ids.push_back(ids[i]);
+    lse_k = logaddexp(lse_k, double(W(to_acc(zs[ids[i]])) * its) - lse_s);
+  }
+  const double est = log1mexp(min_(lse_k, 0.0));
+  if (est > -6.907755278982137) return est;  // log(1e-3)
+  std::sort(buf.tail_ids.begin(), buf.tail_ids.end());
+  using P = packet_t<W>;
+  constexpr index_t L = lanes<W>;
+  const P lo = pk::pset1<P>(exp_floor<W>), zero = pk::pset1<P>(W(0));
+  double M = -inf<double>(), S = 0;
+  size_t j = 0;
+  for (index_t c0 = 0; c0 < V; c0 += chunk) {
+    const index_t n_c = std::min(chunk, V - c0), np = padded<W>(n_c);
+    load_scaled(zs + c0, n_c, its, buf.a);  // a copy (padded with -inf): the listed ids are removed in it
+    for (; j < buf.tail_ids.size() && buf.tail_ids[j] < c0 + n_c; ++j) buf.a[buf.tail_ids[j] - c0] = -inf<W>();
+    P mx = pk::pset1<P>(-inf<W>());
+    for (index_t i = 0; i < np; i += L) mx = pk::pmax(mx, pk::pload<P>(buf.a + i));
+    const W m = pk::predux_max(mx);
+    if (!(m > -inf<W>())) continue;
+    const P pm = pk::pset1<P>(m);
+    P acc = zero;
+    for (index_t i = 0; i < np; i += L) {
+      const P d = pk::psub(pk::pload<P>(buf.a + i), pm);
+      acc = pk::padd(acc, pk::pselect(pk::pcmp_lt(d, lo), zero, exp_nonpos(d)));
+    }
+    const double mc = double(m), sc = double(pk::predux(acc));
+    if (mc > M) {
+      S = S * exp_(M - mc) + sc;
+      M = mc;
+    } else {
+      S += sc * exp_(mc - M);
+    }
+  }
+  return M == -inf<double>() ? -inf<double>() : M + log_(S) - lse_s;
 }
 
 /// Estimator placeholder for rows with only sparse gradient terms.
@@ -1003,6 +1071,13 @@ struct sparse_terms {
   const int32_t* ids = nullptr;
   const double* coef = nullptr;
   int n = 0;
+  /// split: out_j = g_j - p_j * sum_on on the listed ids and -p_j * sum_off elsewhere,
+  /// instead of g_j - p_j * sum g everywhere. The tail bucket needs it: with its raw terms
+  /// g_v = -q_v, sum_on = sum g - (1 - S_K) and sum_off = sum_on + c, c = (1 - S_K) / (1 - P_K)
+  /// (which can be ~1e15): folding c p_v into g_v would cancel it on the list in fp32.
+  /// Listed entries are then set (not added to). Only without a dense estimator term.
+  bool split = false;
+  double sum_on = 0, sum_off = 0;
 };
 
 /// Writes src[0, n) to dst; `stream` uses non-temporal stores where the target has them
@@ -1060,11 +1135,28 @@ inline void stream_fence() noexcept {
 /// Gradients at least this large (bytes) are written with non-temporal stores.
 inline constexpr double stream_bytes = 8.0 * 1024 * 1024;
 
+/// Whether x[0, n) holds only finite values (one fma per packet: x * 0 summed is NaN iff
+/// some x is NaN or infinite).
+template <class G>
+TROPD_HOST_INLINE bool all_finite(const G* x, index_t n) noexcept {
+  using P = packet_t<G>;
+  constexpr index_t L = lanes<G>;
+  const P zero = pk::pset1<P>(G(0));
+  P acc = zero;
+  index_t i = 0;
+  for (; i + L <= n; i += L) acc = pk::pmadd(pk::ploadu<P>(x + i), zero, acc);
+  G t = pk::predux(acc);
+  for (; i < n; ++i) t += x[i] * G(0);
+  return t == t;
+}
+
 /// Pass 2: writes out[j] = scale * (w * est.grad_j + g_j - p_j * sum g).
+/// Returns -1, or the first column whose value is not finite in G (the row is then written
+/// up to and including that column's chunk; the caller reports errc::infinite_divergence).
 /// Uses the exponentials pass 1 kept (buf.kept) or recomputes them (one exp per element
 /// and per probability the estimator reads); reads the teacher row only for a dense term.
 template <class W, class TS, class TT, class Est, class G>
-inline void row_pass2(const Est& est, const TS* zs, const TT* zt, index_t V, W inv_ts, W inv_tt, row_scratch<W>& buf,
+inline index_t row_pass2(const Est& est, const TS* zs, const TT* zt, index_t V, W inv_ts, W inv_tt, row_scratch<W>& buf,
                       const estimators::row_summary& s_in, double w, sparse_terms sp, double scale, G* out,
                       bool stream = false) noexcept {
   G* g = reinterpret_cast<G*>(buf.g);
@@ -1072,12 +1164,13 @@ inline void row_pass2(const Est& est, const TS* zs, const TT* zt, index_t V, W i
     for (index_t i = 0; i < chunk; ++i) g[i] = G(0);
     for (index_t c0 = 0; c0 < V; c0 += chunk) store_chunk(out + c0, g, std::min(chunk, V - c0), stream);
     if (stream) stream_fence();
-    return;
+    return -1;
   }
   const estimators::row_summary s = s_in;  // a local copy: provably not aliased by the stores
   double gsum = 0;
   for (int i = 0; i < sp.n; ++i) gsum += sp.coef[i];
-  const W wd = W(w * scale), wg = W(gsum * scale);
+  const W wd = W(w * scale), wg = W((sp.split ? sp.sum_off : gsum) * scale);
+  const double on_list = sp.sum_on * scale;  // p_j's coefficient on the list when sp.split
   // Sparse terms sorted by id (stable: equal ids keep their order, so the sums are unchanged).
   buf.sp_ids.assign(sp.ids, sp.ids + sp.n);
   buf.sp_coef.resize(static_cast<size_t>(sp.n));
@@ -1131,11 +1224,27 @@ inline void row_pass2(const Est& est, const TS* zs, const TT* zt, index_t V, W i
       if (n == chunk) grad_elements<false, chunk>(est, A, B, buf.wa, buf.wb, buf.lm, dst, n, wd, wg, ss, st, s);
       else grad_elements<false, 0>(est, A, B, buf.wa, buf.wb, buf.lm, dst, n, wd, wg, ss, st, s);
     }
-    for (; next < sp.n && buf.sp_ids[static_cast<size_t>(next)] < c0 + n; ++next)
-      dst[buf.sp_ids[static_cast<size_t>(next)] - c0] += static_cast<G>(buf.sp_coef[static_cast<size_t>(next)]);
+    for (; next < sp.n && buf.sp_ids[static_cast<size_t>(next)] < c0 + n; ++next) {
+      const index_t j = buf.sp_ids[static_cast<size_t>(next)] - c0;
+      if (sp.split && (next == 0 || buf.sp_ids[static_cast<size_t>(next - 1)] != buf.sp_ids[static_cast<size_t>(next)]))
+        dst[j] = static_cast<G>(-double(buf.wa[j]) * on_list);  // the listed entry's own value (no dense term)
+      dst[j] += static_cast<G>(buf.sp_coef[static_cast<size_t>(next)]);
+    }
+    // Every written value must fit G (an overflowing grad_scale / T_S, or a coefficient at
+    // the edge of the work type's range, must not be written as inf / NaN with an ok status).
+    if (!all_finite(dst, n)) {
+      index_t j = 0;
+      while (is_finite(dst[j])) ++j;
+      if (stream) {
+        store_chunk(out + c0, g, n, true);
+        stream_fence();
+      }
+      return c0 + j;
+    }
     if (stream) store_chunk(out + c0, g, n, true);
   }
   if (stream) stream_fence();
+  return -1;
 }
 
 inline status check_temperatures(const row_options& o) noexcept {
@@ -1178,7 +1287,25 @@ inline bool stream_gradient(matrix_view<G> grad) noexcept {
   return double(grad.rows) * double(grad.cols) * double(sizeof(G)) >= stream_bytes;
 }
 
-/// Runs `stats(r, buf, summary&) -> status` then `grad(r, buf, summary)` over rows,
+/// The status of a gradient row written by row_pass2 (bad: its return value).
+inline status gradient_status(index_t row, index_t bad) noexcept {
+  if (bad < 0) return {};
+  return make_error(errc::infinite_divergence,
+                    "the gradient does not fit the output type (grad_scale / temperature too large, or logits at the edge "
+                    "of the range); gradient rows may be partly written",
+                    row, bad);
+}
+
+/// Checks that every value[r] is finite, then writes loss[r] = value[r] (all or nothing).
+inline status write_losses(vector_view<double> loss, const std::vector<double>& value) noexcept {
+  for (index_t r = 0; r < loss.size; ++r)
+    if (!is_finite(value[static_cast<size_t>(r)]))
+      return make_error(errc::infinite_divergence, "the loss is not finite in double (logits at the edge of the range)", r);
+  for (index_t r = 0; r < loss.size; ++r) loss[r] = value[static_cast<size_t>(r)];
+  return {};
+}
+
+/// Runs `stats(r, buf, summary&) -> status` then `grad(r, buf, summary) -> status` over rows,
 /// in the order row_options::fused asks for. `keep`: in the fused order, pass 1 keeps the
 /// student's (and with `keep_teacher` the teacher's) exponentials for the gradient pass.
 /// `setup(buf)` prepares each thread's scratch.
@@ -1193,7 +1320,7 @@ inline status run_rows(index_t rows, index_t V, const row_options& opt, std::vec
       if (keep) buf->prepare_keep(V, keep_teacher);
       for (index_t r = b; r < e; ++r) {
         TROPD_TRY(stats(r, *buf, sums[static_cast<size_t>(r)]));
-        grad(r, *buf, sums[static_cast<size_t>(r)]);
+        TROPD_TRY(grad(r, *buf, sums[static_cast<size_t>(r)]));
       }
       return {};
     });
@@ -1209,7 +1336,7 @@ inline status run_rows(index_t rows, index_t V, const row_options& opt, std::vec
   return parallel_rows(rows, opt.threads, [&](index_t b, index_t e) -> status {
     auto buf = std::make_unique<row_scratch<W>>();
     setup(*buf);
-    for (index_t r = e; r-- > b;) grad(r, *buf, sums[static_cast<size_t>(r)]);
+    for (index_t r = e; r-- > b;) TROPD_TRY(grad(r, *buf, sums[static_cast<size_t>(r)]));
     return {};
   });
 }
@@ -1246,18 +1373,19 @@ status divergence_rows(const Est& est, matrix_view<const TS> student, matrix_vie
     if constexpr (Est::second_pass) detail::row_pass1b(est, student.row(r), teacher.row(r), V, its, itt, buf, s);
     return {};
   };
-  auto gradf = [&](index_t r, detail::row_scratch<W>& buf, const estimators::row_summary& s) {
-    if (grad.rows == 0) return;
+  auto gradf = [&](index_t r, detail::row_scratch<W>& buf, const estimators::row_summary& s) -> status {
+    if (grad.rows == 0) return {};
     const double scale = (grad_scale.size ? grad_scale[r] : 1.0) / opt.student_temperature;
-    detail::row_pass2(est, student.row(r), teacher.row(r), V, its, itt, buf, s, 1.0, {}, scale, grad.row(r), stream);
+    return detail::gradient_status(
+        r, detail::row_pass2(est, student.row(r), teacher.row(r), V, its, itt, buf, s, 1.0, {}, scale, grad.row(r), stream));
   };
   const bool keep = grad.rows != 0 || Est::second_pass;
   const bool keep_teacher = detail::reads_q<Est> || Est::second_pass;
   TROPD_TRY(detail::run_rows<W>(student.rows, V, opt, sums, keep, keep_teacher, [](detail::row_scratch<W>&) {}, stats, gradf));
-  for (index_t r = 0; r < student.rows; ++r) {
-    loss[r] = est.value(sums[static_cast<size_t>(r)]);
-    if (summaries.size) summaries[r] = sums[static_cast<size_t>(r)];
-  }
+  std::vector<double> val(static_cast<size_t>(student.rows));
+  for (index_t r = 0; r < student.rows; ++r) val[static_cast<size_t>(r)] = est.value(sums[static_cast<size_t>(r)]);
+  TROPD_TRY(detail::write_losses(loss, val));
+  for (index_t r = 0; r < summaries.size; ++r) summaries[r] = sums[static_cast<size_t>(r)];
   return {};
 }
 
@@ -1304,17 +1432,18 @@ status sampled_rows(const estimators::sampled<E, U>& est, matrix_view<const TS> 
     res[static_cast<size_t>(r)] = v;
     return {};
   };
-  auto gradf = [&](index_t r, detail::row_scratch<W>& buf, const estimators::row_summary& s) {
-    if (grad.rows == 0) return;
+  auto gradf = [&](index_t r, detail::row_scratch<W>& buf, const estimators::row_summary& s) -> status {
+    if (grad.rows == 0) return {};
     const double scale = (grad_scale.size ? grad_scale[r] : 1.0) / opt.student_temperature;
     const double c = res[static_cast<size_t>(r)].dloss_ds;
     const int32_t y = ids[r];
-    detail::row_pass2(detail::no_dense{}, student.row(r), static_cast<const TT*>(nullptr), V, its, itt, buf, s, 0.0,
-                      detail::sparse_terms{&y, &c, 1}, scale, grad.row(r), stream);
+    return detail::gradient_status(r, detail::row_pass2(detail::no_dense{}, student.row(r), static_cast<const TT*>(nullptr), V, its,
+                                                        itt, buf, s, 0.0, detail::sparse_terms{&y, &c, 1}, scale, grad.row(r), stream));
   };
   TROPD_TRY(detail::run_rows<W>(student.rows, V, opt, sums, grad.rows != 0, false, [](detail::row_scratch<W>&) {}, stats, gradf));
-  for (index_t r = 0; r < student.rows; ++r) loss[r] = res[static_cast<size_t>(r)].loss;
-  return {};
+  std::vector<double> val(static_cast<size_t>(student.rows));
+  for (index_t r = 0; r < student.rows; ++r) val[static_cast<size_t>(r)] = res[static_cast<size_t>(r)].loss;
+  return detail::write_losses(loss, val);
 }
 
 /// Selects the k largest entries of x[0, V) (ties: lower id first), written in descending
@@ -1361,7 +1490,8 @@ status topk_forward_kl_rows(const estimators::topk_forward_kl& est, matrix_view<
   const bool stream = detail::stream_gradient(grad);
   std::vector<int32_t> kid(static_cast<size_t>(N * K));
   std::vector<double> kg(static_cast<size_t>(N * K));
-  std::vector<double> val(static_cast<size_t>(N));
+  std::vector<double> val(static_cast<size_t>(N)), kon(static_cast<size_t>(N), 0.0), koff(static_cast<size_t>(N), 0.0);
+  std::vector<int> kn(static_cast<size_t>(N), K);
   std::vector<estimators::row_summary> sums;
   auto setup = [&](detail::row_scratch<W>& buf) { buf.prepare_topk(K); };
   auto stats = [&](index_t r, detail::row_scratch<W>& buf, estimators::row_summary& s) -> status {
@@ -1372,22 +1502,39 @@ status topk_forward_kl_rows(const estimators::topk_forward_kl& est, matrix_view<
       buf.lq[static_cast<size_t>(i)] = ids[i] < 0 ? -inf<double>() : double(buf.topk_vals[static_cast<size_t>(i)]) - s.lse_t;
       buf.ls[static_cast<size_t>(i)] = ids[i] < 0 ? 0.0 : double(W(to_acc(student.row(r)[ids[i]])) * its) - s.lse_s;
     }
-    const auto res = est.eval(buf.lq.data(), buf.ls.data(), K, kg.data() + r * K);
+    double tail = quiet_nan<double>();
+    if (est.tail == estimators::topk_tail::tail_bucket)
+      tail = detail::student_tail_log(student.row(r), V, its, s.lse_s, ids, K, [&](int i) { return ids[i] < 0; }, buf);
+    const auto res = est.eval(buf.lq.data(), buf.ls.data(), K, kg.data() + r * K, tail);
     if (!res.st.ok()) return make_error(res.st.code, res.st.detail, r, res.st.col);
     val[static_cast<size_t>(r)] = res.value;
+    if (res.tail_coef != 0) {  // the tail's c p_v goes to pass 2 as sparse_terms::off (see there)
+      // (padding is dropped from the list: pass 2 sets every listed entry)
+      int m = 0;
+      double gs = 0;
+      for (int i = 0; i < K; ++i)
+        if (ids[i] >= 0) {
+          gs += kg[static_cast<size_t>(r * K + m)] = -exp_(buf.lq[static_cast<size_t>(i)]);
+          ids[m++] = ids[i];
+        }
+      kn[static_cast<size_t>(r)] = m;
+      kon[static_cast<size_t>(r)] = gs - (1.0 - res.teacher_mass);
+      koff[static_cast<size_t>(r)] = kon[static_cast<size_t>(r)] + res.tail_coef;
+    }
     for (int i = 0; i < K; ++i)
       if (ids[i] < 0) { ids[i] = 0; kg[static_cast<size_t>(r * K + i)] = 0; }
     return {};
   };
-  auto gradf = [&](index_t r, detail::row_scratch<W>& buf, const estimators::row_summary& s) {
-    if (grad.rows == 0) return;
+  auto gradf = [&](index_t r, detail::row_scratch<W>& buf, const estimators::row_summary& s) -> status {
+    if (grad.rows == 0) return {};
     const double scale = (grad_scale.size ? grad_scale[r] : 1.0) / opt.student_temperature;
-    detail::row_pass2(detail::no_dense{}, student.row(r), static_cast<const TT*>(nullptr), V, its, itt, buf, s, 0.0,
-                      detail::sparse_terms{kid.data() + r * K, kg.data() + r * K, K}, scale, grad.row(r), stream);
+    const size_t rr = static_cast<size_t>(r);
+    const detail::sparse_terms sp{kid.data() + r * K, kg.data() + r * K, kn[rr], koff[rr] != kon[rr], kon[rr], koff[rr]};
+    return detail::gradient_status(r, detail::row_pass2(detail::no_dense{}, student.row(r), static_cast<const TT*>(nullptr), V, its,
+                                                        itt, buf, s, 0.0, sp, scale, grad.row(r), stream));
   };
   TROPD_TRY(detail::run_rows<W>(N, V, opt, sums, grad.rows != 0, false, setup, stats, gradf));
-  for (index_t r = 0; r < N; ++r) loss[r] = val[static_cast<size_t>(r)];
-  return {};
+  return detail::write_losses(loss, val);
 }
 
 /// Overload for given teacher top-k lists (see topk_lists).
@@ -1412,7 +1559,8 @@ status topk_forward_kl_rows(const estimators::topk_forward_kl& est, matrix_view<
   const bool stream = detail::stream_gradient(grad);
   std::vector<int32_t> kid(static_cast<size_t>(N * K));
   std::vector<double> kg(static_cast<size_t>(N * K));
-  std::vector<double> val(static_cast<size_t>(N));
+  std::vector<double> val(static_cast<size_t>(N)), kon(static_cast<size_t>(N), 0.0), koff(static_cast<size_t>(N), 0.0);
+  std::vector<int> kn(static_cast<size_t>(N), K);
   std::vector<estimators::row_summary> sums;
   auto setup = [&](detail::row_scratch<W>& buf) { buf.prepare_topk(K); };
   auto stats = [&](index_t r, detail::row_scratch<W>& buf, estimators::row_summary& s) -> status {
@@ -1425,20 +1573,37 @@ status topk_forward_kl_rows(const estimators::topk_forward_kl& est, matrix_view<
       ids[i] = pad ? 0 : tid[i];
       buf.ls[static_cast<size_t>(i)] = pad ? 0.0 : double(W(to_acc(student.row(r)[tid[i]])) * its) - s.lse_s;
     }
-    const auto res = est.eval(tlp, buf.ls.data(), K, kg.data() + r * K);
+    double tail = quiet_nan<double>();
+    if (est.tail == estimators::topk_tail::tail_bucket)
+      tail = detail::student_tail_log(student.row(r), V, its, s.lse_s, tid, K, [&](int i) { return tlp[i] == -inf<float>(); }, buf);
+    const auto res = est.eval(tlp, buf.ls.data(), K, kg.data() + r * K, tail);
     if (!res.st.ok()) return make_error(res.st.code, res.st.detail, r, res.st.col);
     val[static_cast<size_t>(r)] = res.value;
+    if (res.tail_coef != 0) {  // the tail's c p_v goes to pass 2 as sparse_terms::off (see there)
+      // (padding is dropped from the list: pass 2 sets every listed entry)
+      int m = 0;
+      double gs = 0;
+      for (int i = 0; i < K; ++i)
+        if (tlp[i] != -inf<float>()) {
+          gs += kg[static_cast<size_t>(r * K + m)] = -exp_(double(tlp[i]));
+          ids[m++] = tid[i];
+        }
+      kn[static_cast<size_t>(r)] = m;
+      kon[static_cast<size_t>(r)] = gs - (1.0 - res.teacher_mass);
+      koff[static_cast<size_t>(r)] = kon[static_cast<size_t>(r)] + res.tail_coef;
+    }
     return {};
   };
-  auto gradf = [&](index_t r, detail::row_scratch<W>& buf, const estimators::row_summary& s) {
-    if (grad.rows == 0) return;
+  auto gradf = [&](index_t r, detail::row_scratch<W>& buf, const estimators::row_summary& s) -> status {
+    if (grad.rows == 0) return {};
     const double scale = (grad_scale.size ? grad_scale[r] : 1.0) / opt.student_temperature;
-    detail::row_pass2(detail::no_dense{}, student.row(r), static_cast<const float*>(nullptr), V, its, W(1), buf, s, 0.0,
-                      detail::sparse_terms{kid.data() + r * K, kg.data() + r * K, K}, scale, grad.row(r), stream);
+    const size_t rr = static_cast<size_t>(r);
+    const detail::sparse_terms sp{kid.data() + r * K, kg.data() + r * K, kn[rr], koff[rr] != kon[rr], kon[rr], koff[rr]};
+    return detail::gradient_status(r, detail::row_pass2(detail::no_dense{}, student.row(r), static_cast<const float*>(nullptr), V, its,
+                                                        W(1), buf, s, 0.0, sp, scale, grad.row(r), stream));
   };
   TROPD_TRY(detail::run_rows<W>(N, V, opt, sums, grad.rows != 0, false, setup, stats, gradf));
-  for (index_t r = 0; r < N; ++r) loss[r] = val[static_cast<size_t>(r)];
-  return {};
+  return detail::write_losses(loss, val);
 }
 
 }  // namespace tropd::host

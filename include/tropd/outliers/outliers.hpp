@@ -26,6 +26,9 @@ struct topk_row {
   const float* student = nullptr;      ///< current student log-probs at the ids (form P)
   const float* student_old = nullptr;  ///< rollout-time student log-probs (form C)
   int k = 0;
+  /// log(1 - P_K) of the current student, exact (from its whole row), for the tail-bucket
+  /// policy; NaN: unknown (estimated from `student`, see estimators::topk_forward_kl::eval).
+  double student_tail_log = quiet_nan<double>();
 };
 
 /// An outlier handler's answer for one token.
@@ -103,7 +106,7 @@ struct topk_fkl {
   TROPD_HD outlier_value operator()(double, const topk_row& tk, double* g) const noexcept {
     outlier_value v;
     if (form == fkl_form::p) {
-      const auto r = fkl.eval(tk.teacher, tk.student, tk.k, g);
+      const auto r = fkl.eval(tk.teacher, tk.student, tk.k, g, tk.student_tail_log);
       v.st = r.st;
       v.pg = false;
       v.loss = weight * r.value;
@@ -112,7 +115,8 @@ struct topk_fkl {
       v.teacher_mass = r.teacher_mass;
       v.student_mass = r.student_mass;
     } else {
-      const auto r = fkl.eval(tk.teacher, tk.student_old ? tk.student_old : tk.student, tk.k, nullptr);
+      const auto r = tk.student_old ? fkl.eval(tk.teacher, tk.student_old, tk.k, nullptr)
+                                    : fkl.eval(tk.teacher, tk.student, tk.k, nullptr, tk.student_tail_log);
       v.st = r.st;
       double a = -r.value;
       if (a < -clamp) { a = -clamp; v.clipped = true; }
