@@ -118,6 +118,7 @@ enum class check_site : uint8_t {
   token_input = 12,       ///< token-level input: bad origin tag, non-finite s / s_old, NaN/+inf t
   token_rule = 13,        ///< evaluate_token returned an error for this token
   seq_offsets = 14,       ///< seq_offsets do not start at 0, end at n, or decrease
+  gradient = 15,          ///< a gradient value does not fit the output type (column: first such entry)
 };
 
 namespace detail {
@@ -158,6 +159,9 @@ inline const char* site_detail(check_site s) noexcept {
     case check_site::topk_eval:
       return "topk_forward_kl rejected the row: zero student mass at a teacher id, no finite entry, or mass > 1 (see the code) (device check)";
     case check_site::grad_scale: return "grad_scale is not finite (device check)";
+    case check_site::gradient:
+      return "the gradient does not fit the output type (grad_scale / temperature too large, or logits at the edge of the range); "
+             "gradient rows may be partly written (device check)";
     case check_site::token_input:
       return "token input: origin tag not prompt/teacher/student, s or s_old not finite, t NaN/+inf, or s / t > 0 "
              "(log-probabilities expected) (see the code) (device check)";
@@ -575,6 +579,8 @@ struct grad_pass {
   W its, itt, lse_s, lse_t, wd, wg;
   Est est;
   estimators::row_summary s;
+  unsigned long long* status;
+  index_t row;
 
   template <int N>
   struct regs {
@@ -604,6 +610,10 @@ struct grad_pass {
 #pragma unroll
       for (int i = 0; i < N; ++i) o[i] = static_cast<G>(-wg * exp_(a[i] - lse_s));
     }
+    // As the host's row_pass2: a value that does not fit G is an error, not an ok inf / NaN.
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+      if (!is_finite(o[i])) report(status, errc::infinite_divergence, check_site::gradient, row, j + i);
     store_vec<N>(out + j, o);
   }
 };
@@ -906,7 +916,7 @@ __device__ void block_grad(const Task& t, const rows_args<TS, TT, G>& a, index_t
   }
   const W wd = W(1.0 * rs.scale), wg = W(rs.gsum * rs.scale);
   grad_pass<W, Dense, typename Task::est_type, TS, TT, G> f{zs, zt, out, W(a.its), W(a.itt), W(rs.s.lse_s), W(rs.s.lse_t),
-                                                            wd, wg, dense_estimator(t), rs.s};
+                                                            wd, wg, dense_estimator(t), rs.s, a.status, r};
   sweep<VW>(g, b, S, f);
   if (rs.n_sparse > 0) {
     __syncthreads();  // this block's dense writes are visible to its threads
@@ -920,6 +930,7 @@ __device__ void block_grad(const Task& t, const rows_args<TS, TT, G>& a, index_t
       G v = out[id];
       for (int j = i; j < rs.n_sparse; ++j)
         if (sp_id[j] == id) v += static_cast<G>(sp_coef[j] * rs.scale);
+      if (!is_finite(v)) report(a.status, errc::infinite_divergence, check_site::gradient, r, id);
       out[id] = v;
     }
   }

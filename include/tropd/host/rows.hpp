@@ -28,9 +28,13 @@
 //         written: a failed call leaves every output untouched. Reads each row twice
 //         (the gradient pass walks rows backwards so the last rows come from cache).
 //   true  statistics and gradient per row while it is in cache (each row read once from
-//         memory; pass 2 reuses pass 1's exponentials); on failure any other row may
-//         already hold its gradient (with threads > 1, rows after the failing one too) and
-//         the losses are untouched.
+//         memory; pass 2 reuses pass 1's exponentials); on failure any gradient row may
+//         already be written (with threads > 1 the other blocks run on: rows after the
+//         failing one too), the losses are untouched.
+// One error is found only while writing, in either order: a gradient value that does not
+// fit the output type (errc::infinite_divergence, row and column of the first such value;
+// gradient rows may be partly written, the losses are untouched). Losses are checked
+// finite before any is written.
 //
 // Extra memory: O(chunk) per thread (fused: plus O(V) per thread for the kept
 // exponentials) plus one row_summary per row; never O(rows x vocab).
