@@ -123,6 +123,12 @@ TEST_CASE("bad input: shapes, strides and empty batches (divergence_rows)") {
     std::vector<est::row_summary> sums(R + 1);
     expect(tropd::host::divergence_rows(e, cm(in.z, R, V), cm(in.u, R, V), o.lv(), o.gv(R, V), {}, {}, tropd::view_of(sums)),
            errc::shape_mismatch);
+    // Null loss / grad_scale data with the right sizes (core/checks.hpp, shared with the GPU backend).
+    expect(tropd::host::divergence_rows(e, cm(in.z, R, V), cm(in.u, R, V), tropd::vector_view<double>{nullptr, R}, o.gv(R, V)),
+           errc::shape_mismatch);
+    expect(tropd::host::divergence_rows(e, cm(in.z, R, V), cm(in.u, R, V), o.lv(), o.gv(R, V), {},
+                                        tropd::vector_view<const double>{nullptr, R}),
+           errc::shape_mismatch);
     CHECK(o.untouched());
   }
   SUBCASE("empty batch") {

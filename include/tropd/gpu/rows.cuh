@@ -56,6 +56,7 @@
 #include <cuda_runtime.h>
 
 #include <tropd/config.hpp>
+#include <tropd/core/checks.hpp>
 #include <tropd/core/numerics.hpp>
 #include <tropd/core/status.hpp>
 #include <tropd/core/tokens.hpp>
@@ -1072,37 +1073,22 @@ inline status check_context(const device_context& ctx, size_t need) {
 }
 
 inline status check_temperatures(const row_options& o) noexcept {
-  if (!(o.student_temperature > 0) || !is_finite(o.student_temperature))
-    return make_error(errc::invalid_parameter, "student temperature must be finite and > 0");
-  if (!(o.teacher_temperature > 0) || !is_finite(o.teacher_temperature))
-    return make_error(errc::invalid_parameter, "teacher temperature must be finite and > 0");
-  return {};
+  return checks::temperatures(o.student_temperature, o.teacher_temperature);
 }
 
+/// The host's shape rules (core/checks.hpp), then this backend's extent limit.
 template <class TS, class G>
 inline status check_rows(matrix_view<const TS> student, vector_view<double> loss, matrix_view<G> grad,
                          vector_view<const double> grad_scale) noexcept {
-  if (!student.valid()) return make_error(errc::shape_mismatch, "student view is malformed (stride < cols or null data)");
-  if (student.rows == 0) return make_error(errc::empty_batch, "no rows");
-  if (student.cols < 1) return make_error(errc::shape_mismatch, "vocabulary size must be >= 1");
+  TROPD_TRY(checks::student_rows(student, loss, grad, grad_scale));
   if (student.rows > max_extent || student.cols > max_extent)
     return make_error(errc::unsupported, "tropd::gpu: rows and vocabulary size must be below 2^28 - 1");
-  if (loss.size != student.rows || loss.data == nullptr) return make_error(errc::shape_mismatch, "loss must have one entry per row");
-  if (!grad.valid()) return make_error(errc::shape_mismatch, "gradient view is malformed");
-  if (grad.rows != 0 && (grad.rows != student.rows || grad.cols != student.cols))
-    return make_error(errc::shape_mismatch, "gradient must be [rows x vocab] like the student logits, or empty");
-  if (grad_scale.size != 0 && (grad_scale.size != student.rows || grad_scale.data == nullptr))
-    return make_error(errc::shape_mismatch, "grad_scale must be empty or have one entry per row");
   return {};
 }
 
 template <class TT>
 inline status check_teacher(matrix_view<const TT> teacher, index_t rows, index_t cols) noexcept {
-  if (!teacher.valid()) return make_error(errc::shape_mismatch, "teacher view is malformed (stride < cols or null data)");
-  if (teacher.rows != rows) return make_error(errc::shape_mismatch, "teacher and student have different numbers of rows");
-  if (teacher.cols != cols)
-    return make_error(errc::shape_mismatch, "teacher and student vocabulary sizes differ (pad or truncate the teacher vocabulary first)");
-  return {};
+  return checks::teacher_rows(teacher, rows, cols);
 }
 
 /// Launches a row task: the fused kernel (S = 1) or the split-row kernels (S > 1).
