@@ -93,6 +93,37 @@ struct row_summary {
   double sum1 = 0;
 };
 
+/// Which row_summary fields a caller reads after the first pass. lse_s and lse_t are always
+/// computed; a backend may skip the sums behind the others (es -> ent_s, et -> ent_t,
+/// xs -> rkl, xt -> fkl) where a flag is false, and then sets those fields to NaN (never a
+/// silently wrong value). The CPU row passes use it (host/rows.hpp, row_pass1); user-visible
+/// summaries (divergence_rows' `summaries`) are always complete.
+struct moments_needed {
+  bool ent_s = true;  ///< row_summary::ent_s
+  bool ent_t = true;  ///< row_summary::ent_t
+  bool rkl = true;    ///< row_summary::rkl
+  bool fkl = true;    ///< row_summary::fkl
+  constexpr moments_needed operator|(moments_needed o) const noexcept {
+    return {ent_s || o.ent_s, ent_t || o.ent_t, rkl || o.rkl, fkl || o.fkl};
+  }
+  friend constexpr bool operator==(const moments_needed&, const moments_needed&) = default;
+};
+/// Every field (the default wherever a caller's needs are not known).
+inline constexpr moments_needed all_moments{};
+/// Only the two log-sum-exps.
+inline constexpr moments_needed lse_only{false, false, false, false};
+
+/// The summary fields a full-vocabulary estimator's value / finite / grad read: its
+/// `summary_reads` member, or every field for an estimator that does not declare one.
+/// (sum0 / sum1 come from the second pass, which reads only lse_s and lse_t.)
+template <class E>
+constexpr moments_needed summary_reads_of() noexcept {
+  if constexpr (requires { E::summary_reads; })
+    return moments_needed(E::summary_reads);
+  else
+    return all_moments;
+}
+
 /// Finalises first-pass moments into a summary. Requires ss > 0 and st > 0.
 template <class F>
 TROPD_HD inline row_summary summarize(const row_moments<F>& m) noexcept {
@@ -126,6 +157,7 @@ concept full_vocab_divergence = requires(const E& e, double x, double* acc, cons
 struct reverse_kl {
   static constexpr const char* name = "reverse_kl";
   static constexpr bool second_pass = false;
+  static constexpr moments_needed summary_reads{false, false, true, false};  ///< rkl
   TROPD_HD constexpr status check() const noexcept { return {}; }
   template <class F>
   TROPD_HD constexpr void accumulate(F, F, F, F, double*) const noexcept {}
@@ -146,6 +178,7 @@ static_assert(full_vocab_divergence<reverse_kl>);
 struct forward_kl {
   static constexpr const char* name = "forward_kl";
   static constexpr bool second_pass = false;
+  static constexpr moments_needed summary_reads{false, false, false, true};  ///< fkl
   TROPD_HD constexpr status check() const noexcept { return {}; }
   template <class F>
   TROPD_HD constexpr void accumulate(F, F, F, F, double*) const noexcept {}
@@ -165,6 +198,9 @@ static_assert(full_vocab_divergence<forward_kl>);
 struct jsd {
   static constexpr const char* name = "jsd";
   static constexpr bool second_pass = true;
+  /// fkl (beta = 0) and rkl (beta = 1; grad_lm also evaluates g_rkl before selecting);
+  /// the mixture itself reads only sum0 / sum1.
+  static constexpr moments_needed summary_reads{false, false, true, true};
   double beta = 0.5;
 
   TROPD_HD constexpr status check() const noexcept {
@@ -238,6 +274,7 @@ static_assert(full_vocab_divergence<jsd>);
 struct total_variation {
   static constexpr const char* name = "total_variation";
   static constexpr bool second_pass = true;
+  static constexpr moments_needed summary_reads{false, false, false, false};  ///< only sum0 / sum1
   TROPD_HD constexpr status check() const noexcept { return {}; }
   /// The two second-pass terms of one element: |p - q| and p sgn(p - q) (branch-free: the
   /// signs are random, and a backend may sum the terms vectorised).

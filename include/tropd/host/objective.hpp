@@ -542,6 +542,20 @@ status evaluate_rows(const Obj& obj, matrix_view<const TS> student, matrix_view<
   // lists are given) are selected in the same read, and the student's log-probs at the top-k
   // ids are gathered while the row is in cache.
   const bool mask_bad = opt.bad_input == input_policy::mask;
+  // The moments pass 1 computes: both log-sum-exps always; the entropies and the reverse KL
+  // where the region / trust estimator / dense term read them, or for the diagnostics (their
+  // means); the forward KL only for a dense term that reads it. Per-token arrays that are not
+  // computed stay out of the token batch (empty views), so nothing reads their NaN.
+  using R = typename Obj::region_type;
+  constexpr estimators::moments_needed dense_reads = [] {
+    if constexpr (Obj::has_dense) return estimators::summary_reads_of<typename Obj::dense_type>();
+    else return estimators::lse_only;
+  }();
+  constexpr estimators::moments_needed need_min =
+      estimators::moments_needed{R::needs_student_entropy, R::needs_teacher_entropy, Obj::trust_type::needs_rkl, false} |
+      dense_reads;
+  constexpr estimators::moments_needed need_diag = need_min | estimators::moments_needed{true, true, true, false};
+  const estimators::moments_needed need = diag ? need_diag : need_min;
   std::vector<origin> from_eff(tok.from.begin(), tok.from.end());
   std::vector<uint8_t> row_masked(static_cast<size_t>(n), 0);
   std::vector<estimators::row_summary> sums(static_cast<size_t>(n));
@@ -561,7 +575,9 @@ status evaluate_rows(const Obj& obj, matrix_view<const TS> student, matrix_view<
     for (index_t r = b0; r < e0; ++r) {
       auto& sm = sums[static_cast<size_t>(r)];
       const int select = need_topk && !lists && tok.from[r] == origin::student ? int(K) : 0;
-      if (const status st1 = detail::row_pass1(student.row(r), teacher.row(r), V, its, itt, *buf, r, sm, select); !st1.ok()) {
+      const status st1 = diag ? detail::row_pass1<need_diag>(student.row(r), teacher.row(r), V, its, itt, *buf, r, sm, select)
+                              : detail::row_pass1<need_min>(student.row(r), teacher.row(r), V, its, itt, *buf, r, sm, select);
+      if (!st1.ok()) {
         if (mask_bad && (st1.code == errc::non_finite_input || st1.code == errc::no_finite_entry)) {
           row_masked[static_cast<size_t>(r)] = 1;
           continue;  // s, t, entropies stay 0; the row gets origin::prompt below
@@ -624,9 +640,9 @@ status evaluate_rows(const Obj& obj, matrix_view<const TS> student, matrix_view<
   b.from = {from_eff.data(), n};
   b.seq_offsets = tok.seq_offsets;
   b.seq_ids = tok.seq_ids;
-  b.student_entropy = {hs.data(), n};
-  b.teacher_entropy = {ht.data(), n};
-  b.rkl = {rk.data(), n};
+  if (need.ent_s) b.student_entropy = {hs.data(), n};
+  if (need.ent_t) b.teacher_entropy = {ht.data(), n};
+  if (need.rkl) b.rkl = {rk.data(), n};
   b.ref = tok.ref;
   if constexpr (need_topk) {
     b.topk_ids = make_matrix<const int32_t>(kid.data(), n, K);

@@ -141,13 +141,17 @@ struct range_info {
 /// masked by the callers). With AVX-512 an fp32 version that needs no overflow handling and
 /// scales with vscalefps (12 instead of 17 vector operations, about 1.2x Eigen's pexp,
 /// max error ~2 ulp like it); elsewhere Eigen's pexp.
-template <class P>
+/// `clamp = false`: the caller guarantees x >= exp_floor (an unmasked chunk), so the AVX-512
+/// version skips its clamp to -87.34 (one vector operation; the same bits for such x).
+template <bool clamp = true, class P>
 TROPD_HOST_INLINE P exp_nonpos(const P& x) noexcept {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<typename pk::unpacket_traits<P>::type, float> && pk::unpacket_traits<P>::size == 16) {
     const P lo = pk::pset1<P>(-87.33654f), log2e = pk::pset1<P>(1.44269504088896341f);
     const P c1 = pk::pset1<P>(-0.693359375f), c2 = pk::pset1<P>(2.12194440e-4f);
-    const P v = pk::pmax(x, lo);
+    P v = x;
+    if constexpr (clamp) v = pk::pmax(x, lo);
+    else (void)lo;
     const P n = _mm512_roundscale_ps(pk::pmul(v, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     P r = pk::pmadd(n, c1, v);
     r = pk::pmadd(n, c2, r);
@@ -588,7 +592,11 @@ struct alignas(64) row_scratch {
 /// `sel`: also marks, per packet, whether a teacher value exceeds `thr` (the top-k heap's
 /// root at the start of the chunk) in the bit mask `hits` (bit j: packet j), so the top-k
 /// selection only visits those packets afterwards (no separate pass, no branches here).
-template <class W, bool teacher, bool fast, bool keep, bool sel = false>
+/// `M`: the sums the caller reads (ss and st always). The fast path skips the others, whose
+/// out[] entries are then meaningless (row_pass1 turns the fields they feed into NaN); the
+/// masked path always computes all six. A kept sum is bit-identical whatever M is.
+template <class W, bool teacher, bool fast, bool keep, bool sel = false,
+          estimators::moments_needed M = estimators::all_moments>
 TROPD_HOST_INLINE void chunk_sums(const W* A, const W* B, index_t np, W Ms, W Mt, W* keep_w, W* keep_v, const prefetch_plan& pf,
                        double* out, W thr = W(0), uint64_t* hits = nullptr) noexcept {
   using P = packet_t<W>;
@@ -603,13 +611,13 @@ TROPD_HOST_INLINE void chunk_sums(const W* A, const W* B, index_t np, W Ms, W Mt
     const P da = pk::psub(a, ms);
     P w = zero;
     if (fast || s_ok) {
-      w = exp_nonpos(da);
+      w = exp_nonpos<!fast>(da);  // fast: da >= exp_floor
       if constexpr (!fast) w = pk::pselect(pk::pcmp_lt(da, lo), zero, w);  // -inf and underflow: exactly 0
     }
     ss = pk::padd(ss, w);
     if constexpr (keep) pk::pstoreu(keep_w + i, w);
     if constexpr (fast) {
-      es = pk::pmadd(w, da, es);
+      if constexpr (M.ent_s) es = pk::pmadd(w, da, es);
     } else if (s_ok) {
       const P pos = pk::pcmp_lt(zero, w);
       es = pk::padd(es, pk::pselect(pos, pk::pmul(w, da), zero));
@@ -623,16 +631,16 @@ TROPD_HOST_INLINE void chunk_sums(const W* A, const W* B, index_t np, W Ms, W Mt
       const P db = pk::psub(b, mt);
       P v = zero;
       if (fast || t_ok) {
-        v = exp_nonpos(db);
+        v = exp_nonpos<!fast>(db);
         if constexpr (!fast) v = pk::pselect(pk::pcmp_lt(db, lo), zero, v);
       }
       st = pk::padd(st, v);
       if constexpr (keep) pk::pstoreu(keep_v + i, v);
       const P dd = pk::psub(da, db);
       if constexpr (fast) {
-        et = pk::pmadd(v, db, et);
-        xs = pk::pmadd(w, dd, xs);
-        xt = pk::pmadd(v, dd, xt);  // -xt: negated once at the end (exact)
+        if constexpr (M.ent_t) et = pk::pmadd(v, db, et);
+        if constexpr (M.rkl) xs = pk::pmadd(w, dd, xs);
+        if constexpr (M.fkl) xt = pk::pmadd(v, dd, xt);  // -xt: negated once at the end (exact)
       } else {
         const P nd = pk::psub(db, da);
         const P pos_w = pk::pcmp_lt(zero, w), pos_v = pk::pcmp_lt(zero, v);
@@ -676,7 +684,9 @@ inline status bad_logit(const T* raw, const W* scaled, index_t n, index_t c0, in
 /// exp pass (both rows' sums). Sums are kept relative to the running maxima of the row and
 /// re-centred only when a maximum grows. With buf.keep the exponentials are kept for pass 2;
 /// with `topk` (> 0) the teacher's top-k entries are selected in the same pass.
-template <class W, class TS, class TT>
+/// `M`: the summary fields the caller reads (lse_s, lse_t always); the others are NaN in
+/// `out`. The default computes everything.
+template <estimators::moments_needed M = estimators::all_moments, class W, class TS, class TT>
 inline status row_pass1(const TS* zs, const TT* zt, index_t V, W inv_ts, W inv_tt, row_scratch<W>& buf, index_t row,
                         estimators::row_summary& out, int topk = 0) noexcept {
   estimators::row_moments<double> mom;
@@ -725,23 +735,23 @@ inline status row_pass1(const TS* zs, const TT* zt, index_t V, W inv_ts, W inv_t
     if (has_t) {
       if (sel) {
         if (fast) {
-          if (buf.keep) chunk_sums<W, true, true, true, true>(A, B, np, Ms, Mt, kw, kv, pf, s, thr, hits);
-          else chunk_sums<W, true, true, false, true>(A, B, np, Ms, Mt, kw, kv, pf, s, thr, hits);
+          if (buf.keep) chunk_sums<W, true, true, true, true, M>(A, B, np, Ms, Mt, kw, kv, pf, s, thr, hits);
+          else chunk_sums<W, true, true, false, true, M>(A, B, np, Ms, Mt, kw, kv, pf, s, thr, hits);
         } else {
           if (buf.keep) chunk_sums<W, true, false, true, true>(A, B, np, Ms, Mt, kw, kv, pf, s, thr, hits);
           else chunk_sums<W, true, false, false, true>(A, B, np, Ms, Mt, kw, kv, pf, s, thr, hits);
         }
       } else if (fast) {
-        if (buf.keep) chunk_sums<W, true, true, true>(A, B, np, Ms, Mt, kw, kv, pf, s);
-        else chunk_sums<W, true, true, false>(A, B, np, Ms, Mt, kw, kv, pf, s);
+        if (buf.keep) chunk_sums<W, true, true, true, false, M>(A, B, np, Ms, Mt, kw, kv, pf, s);
+        else chunk_sums<W, true, true, false, false, M>(A, B, np, Ms, Mt, kw, kv, pf, s);
       } else {
         if (buf.keep) chunk_sums<W, true, false, true>(A, B, np, Ms, Mt, kw, kv, pf, s);
         else chunk_sums<W, true, false, false>(A, B, np, Ms, Mt, kw, kv, pf, s);
       }
     } else {
       if (fast) {
-        if (buf.keep) chunk_sums<W, false, true, true>(A, B, np, Ms, Mt, kw, kv, pf, s);
-        else chunk_sums<W, false, true, false>(A, B, np, Ms, Mt, kw, kv, pf, s);
+        if (buf.keep) chunk_sums<W, false, true, true, false, M>(A, B, np, Ms, Mt, kw, kv, pf, s);
+        else chunk_sums<W, false, true, false, false, M>(A, B, np, Ms, Mt, kw, kv, pf, s);
       } else {
         if (buf.keep) chunk_sums<W, false, false, true>(A, B, np, Ms, Mt, kw, kv, pf, s);
         else chunk_sums<W, false, false, false>(A, B, np, Ms, Mt, kw, kv, pf, s);
@@ -768,6 +778,11 @@ inline status row_pass1(const TS* zs, const TT* zt, index_t V, W inv_ts, W inv_t
   if (!has_t) { mom.mt = 0; mom.st = 1; mom.xs = 0; mom.xt = 0; mom.et = 0; }
   out = estimators::summarize(mom);
   if (!has_t) { out.lse_t = 0; out.rkl = out.fkl = out.ent_t = 0; }
+  // Sums the fast path skipped (M): their fields are NaN, never a plausible wrong value.
+  if constexpr (!M.ent_s) out.ent_s = quiet_nan<double>();
+  if constexpr (!M.ent_t) out.ent_t = quiet_nan<double>();
+  if constexpr (!M.rkl) out.rkl = quiet_nan<double>();
+  if constexpr (!M.fkl) out.fkl = quiet_nan<double>();
   buf.kept = buf.keep;
   return {};
 }
@@ -915,7 +930,7 @@ TROPD_HOST_INLINE void chunk_probs(const W* x, const W* kept, W kept_M, const ra
   } else {
     for (index_t i = 0; i < np; i += L) {
       pf.at(i / L);
-      pk::pstore(dst + i, pk::pmul(exp_nonpos(pk::psub(pk::ploadu<P>(x + i), m)), f));
+      pk::pstore(dst + i, pk::pmul(exp_nonpos<false>(pk::psub(pk::ploadu<P>(x + i), m)), f));  // >= exp_floor
     }
   }
 }
@@ -1355,8 +1370,14 @@ status divergence_rows(const Est& est, matrix_view<const TS> student, matrix_vie
   const W its = W(1.0 / opt.student_temperature), itt = W(1.0 / opt.teacher_temperature);
   const bool stream = detail::stream_gradient(grad);
   std::vector<estimators::row_summary> sums;
+  // Pass 1 computes only the moments the estimator reads, unless the caller asked for the
+  // summaries (then every field).
+  constexpr estimators::moments_needed need = estimators::summary_reads_of<Est>();
   auto stats = [&](index_t r, detail::row_scratch<W>& buf, estimators::row_summary& s) -> status {
-    TROPD_TRY(detail::row_pass1(student.row(r), teacher.row(r), V, its, itt, buf, r, s));
+    if (summaries.size)
+      TROPD_TRY(detail::row_pass1<estimators::all_moments>(student.row(r), teacher.row(r), V, its, itt, buf, r, s));
+    else
+      TROPD_TRY(detail::row_pass1<need>(student.row(r), teacher.row(r), V, its, itt, buf, r, s));
     if (!est.finite(s))
       return make_error(errc::infinite_divergence,
                         "the divergence is infinite: one distribution gives zero mass where the other has mass", r);
@@ -1408,7 +1429,8 @@ status sampled_rows(const estimators::sampled<E, U>& est, matrix_view<const TS> 
   std::vector<estimators::sampled_result> res(static_cast<size_t>(student.rows));
   std::vector<estimators::row_summary> sums;
   auto stats = [&](index_t r, detail::row_scratch<W>& buf, estimators::row_summary& s) -> status {
-    TROPD_TRY(detail::row_pass1(student.row(r), teacher.row(r), V, its, itt, buf, r, s));
+    // Reads lse_s and lse_t only (here and in the gradient pass).
+    TROPD_TRY(detail::row_pass1<estimators::lse_only>(student.row(r), teacher.row(r), V, its, itt, buf, r, s));
     const int32_t y = ids[r];
     const double sy = double(W(to_acc(student.row(r)[y])) * its) - s.lse_s;
     const double ty = double(W(to_acc(teacher.row(r)[y])) * itt) - s.lse_t;
@@ -1485,7 +1507,8 @@ status topk_forward_kl_rows(const estimators::topk_forward_kl& est, matrix_view<
   std::vector<estimators::row_summary> sums;
   auto setup = [&](detail::row_scratch<W>& buf) { buf.prepare_topk(K); };
   auto stats = [&](index_t r, detail::row_scratch<W>& buf, estimators::row_summary& s) -> status {
-    TROPD_TRY(detail::row_pass1(student.row(r), teacher.row(r), V, its, itt, buf, r, s, K));
+    // Reads lse_s and lse_t only (here and in the gradient pass).
+    TROPD_TRY(detail::row_pass1<estimators::lse_only>(student.row(r), teacher.row(r), V, its, itt, buf, r, s, K));
     int32_t* ids = kid.data() + r * K;
     for (int i = 0; i < K; ++i) {
       ids[i] = buf.topk_ids[static_cast<size_t>(i)];
@@ -1554,7 +1577,8 @@ status topk_forward_kl_rows(const estimators::topk_forward_kl& est, matrix_view<
   std::vector<estimators::row_summary> sums;
   auto setup = [&](detail::row_scratch<W>& buf) { buf.prepare_topk(K); };
   auto stats = [&](index_t r, detail::row_scratch<W>& buf, estimators::row_summary& s) -> status {
-    TROPD_TRY(detail::row_pass1(student.row(r), static_cast<const float*>(nullptr), V, its, W(1), buf, r, s));
+    // Reads lse_s only (here and in the gradient pass).
+    TROPD_TRY(detail::row_pass1<estimators::lse_only>(student.row(r), static_cast<const float*>(nullptr), V, its, W(1), buf, r, s));
     const int32_t* tid = teacher.ids.row(r);
     const float* tlp = teacher.logprobs.row(r);
     int32_t* ids = kid.data() + r * K;
