@@ -295,6 +295,74 @@ inline std::string outcome_str(const error_outcome& e) {
              e.col == any_pos ? std::string("*") : std::to_string(e.col), ")", e.known.empty() ? "" : " [known " + e.known + "]");
 }
 
+/// The errors a row accepts (first-pass and output-check errors), for messages.
+template <class RX>
+std::string accepted_str(const RX& e) {
+  std::string acc;
+  for (const auto& eo : e.errors) acc += outcome_str(eo) + "; ";
+  for (const auto& eo : e.late) acc += outcome_str(eo) + " [output check]; ";
+  if (e.value_ok) acc += "a value";
+  return acc.empty() ? std::string("nothing") : acc;
+}
+
+/// Judges a failed row call (rows and topk targets) against the per-row expectations `rx`
+/// (fields errors, late, value_ok, tag, grad_beyond): the error must be acceptable at its row, every
+/// earlier row must accept a value, losses stay untouched. Gradients: after a first-pass
+/// error untouched (fused order: the rows before the failing one are written; D1: with
+/// threads > 1 also rows after it); after an output-check error (`late`: a loss or gradient
+/// that does not fit its type) gradient rows may be partly written, and a written failing
+/// row is finite before the reported column and not finite at it.
+template <class RX, class G>
+void judge_failure(const tropd::status& st, const std::vector<RX>& rx, const std::vector<double>& loss, const std::vector<G>& grad,
+                   int g_cols, bool want_grad, bool fused, int threads) {
+  const int N = static_cast<int>(rx.size());
+  const int fr = static_cast<int>(st.row);
+  if (fr < 0 || fr >= N) fail(cat("error without a valid row: ", status_str(st)));
+  const RX& e = rx[static_cast<size_t>(fr)];
+  const error_outcome *early = nullptr, *late = nullptr;
+  for (const auto& eo : e.errors)
+    if (matches(st, eo) && (!early || eo.known.empty())) early = &eo;
+  for (const auto& eo : e.late)
+    if (matches(st, eo) && (!late || eo.known.empty())) late = &eo;
+  if (!early && !late) fail(cat("row ", fr, ": got ", status_str(st), ", accepted: ", accepted_str(e)), e.tag);
+  for (int r = 0; r < fr; ++r) {
+    const RX& er = rx[static_cast<size_t>(r)];
+    if (er.value_ok) continue;
+    // D2 (open): in the non-fused order the output checks run after the first pass of every
+    // row, and the gradient pass walks each block backwards, so an earlier row whose gradient
+    // does not fit loses to a later row's first-pass error (or to a later row's gradient).
+    const bool d2 = !fused && er.grad_beyond;
+    fail(cat("error reported at row ", fr, " (", status_str(st), ") but row ", r, " expects ", accepted_str(er)),
+         !er.tag.empty() ? er.tag : d2 ? std::string("D2") : std::string());
+  }
+  if (!all_poison(loss)) fail("loss written by a failed call");
+  const auto at = [&](int r, int v) { return grad[static_cast<size_t>(r * g_cols + v)]; };
+  if (late) {
+    if (want_grad && st.col >= 0 && st.col < g_cols) {
+      bool written = false;
+      for (int v = 0; v < g_cols; ++v) written = written || !is_poison(at(fr, v));
+      if (written) {
+        for (int v = 0; v < st.col; ++v)
+          if (!std::isfinite(static_cast<double>(at(fr, v))))
+            fail(cat("output-check error ", status_str(st), " but column ", v, " of the row holds ", static_cast<double>(at(fr, v))));
+        if (std::isfinite(static_cast<double>(at(fr, static_cast<int>(st.col)))))
+          fail(cat("output-check error ", status_str(st), " but the reported column holds the finite ",
+                   static_cast<double>(at(fr, static_cast<int>(st.col)))));
+      }
+    }
+  } else if (!fused) {
+    if (!all_poison(grad)) fail("gradient written by a failed call (non-fused order)");
+  } else {
+    for (int r = fr; r < N && want_grad; ++r) {
+      if (threads > 1 && r > fr) continue;
+      for (int v = 0; v < g_cols; ++v)
+        if (!is_poison(at(r, v))) fail(cat("fused order: gradient row ", r, " written although row ", fr, " failed"));
+    }
+  }
+  const std::string& known = late ? late->known : early->known;
+  if (!known.empty()) fail(cat("row ", fr, ": ", status_str(st), " accepted only as known issue ", known), known);
+}
+
 /// |got - ref| <= tol, with NaN/inf in `got` always failing.
 inline bool close(ld got, ld ref, ld tol) { return std::isfinite(got) && std::fabs(got - ref) <= tol; }
 
@@ -313,6 +381,30 @@ template <class TS, class TT>
 constexpr ld work_min_normal() {
   return (std::is_same_v<TS, double> || std::is_same_v<TT, double>) ? ld(std::numeric_limits<double>::min())
                                                                     : ld(std::numeric_limits<float>::min());
+}
+
+/// The first entry of a row that the library's first pass rejects. The pass scales a row into
+/// the work type W as W(x) * W(1 / T) (in that order, as host/rows.hpp does); the rule
+/// (docs/robustness.md, R1): a NaN / +inf input is non_finite_input at its column, a finite
+/// input whose scaled value overflows W is unsupported at its column, whichever comes first.
+/// `negative`: that finite input overflowed to -inf (issue R3: the library takes it for a
+/// masked entry instead of reporting it). col = -1: nothing is rejected.
+struct stage_fault {
+  int col = -1;
+  errc code = errc::ok;
+  bool negative = false;
+};
+template <class W>
+stage_fault first_stage_fault(const std::vector<ld>& x, double T) {
+  const W inv = static_cast<W>(1.0 / T);
+  for (size_t v = 0; v < x.size(); ++v) {
+    const ld xv = x[v];
+    if (std::isnan(xv) || xv == ldinf) return {static_cast<int>(v), errc::non_finite_input, false};
+    if (xv == -ldinf) continue;
+    const W s = static_cast<W>(xv) * inv;
+    if (std::isinf(s)) return {static_cast<int>(v), errc::unsupported, s < 0};
+  }
+  return {};
 }
 
 /// Long-double log_softmax of x/T over a row (-inf stays -inf), and the log-sum-exp.
