@@ -328,12 +328,11 @@ void judge_failure(const tropd::status& st, const std::vector<RX>& rx, const std
   for (int r = 0; r < fr; ++r) {
     const RX& er = rx[static_cast<size_t>(r)];
     if (er.value_ok) continue;
-    // D2 (open): in the non-fused order the output checks run after the first pass of every
-    // row, and the gradient pass walks each block backwards, so an earlier row whose gradient
-    // does not fit loses to a later row's first-pass error (or to a later row's gradient).
-    const bool d2 = !fused && er.grad_beyond;
-    fail(cat("error reported at row ", fr, " (", status_str(st), ") but row ", r, " expects ", accepted_str(er)),
-         !er.tag.empty() ? er.tag : d2 ? std::string("D2") : std::string());
+    // Documented (D2): in the non-fused order the output checks run after the first pass of
+    // every row, so a first-pass error of any row comes before an earlier row's gradient that
+    // does not fit; among output-check errors the first row in row order is reported.
+    if (!fused && er.grad_beyond && early) continue;
+    fail(cat("error reported at row ", fr, " (", status_str(st), ") but row ", r, " expects ", accepted_str(er)), er.tag);
   }
   if (!all_poison(loss)) fail("loss written by a failed call");
   const auto at = [&](int r, int v) { return grad[static_cast<size_t>(r * g_cols + v)]; };
@@ -387,8 +386,8 @@ constexpr ld work_min_normal() {
 /// the work type W as W(x) * W(1 / T) (in that order, as host/rows.hpp does); the rule
 /// (docs/robustness.md, R1): a NaN / +inf input is non_finite_input at its column, a finite
 /// input whose scaled value overflows W is unsupported at its column, whichever comes first.
-/// `negative`: that finite input overflowed to -inf (issue R3: the library takes it for a
-/// masked entry instead of reporting it). col = -1: nothing is rejected.
+/// `negative`: that finite input overflowed to -inf (also unsupported: R3, fixed).
+/// col = -1: nothing is rejected.
 struct stage_fault {
   int col = -1;
   errc code = errc::ok;

@@ -33,9 +33,9 @@
 //     untouched, gradient rows after the failing one untouched); an output-check error leaves
 //     the losses untouched (gradient rows may be partly written); a successful call
 //     overwrites every output with a finite value.
-//   Open issues (tagged): R3, a finite logit whose scaled value overflows to -inf is taken for
-//   a mask (zero mass) instead of being reported as unsupported; D2, in the non-fused order an
-//   output-check error of an earlier row loses to a later row's error (common.hpp).
+//   * a finite logit whose scaled value leaves the range (to +inf or -inf) is unsupported
+//     (R3: -inf is not taken for a mask); in the non-fused order a first-pass error of any row
+//     comes before an earlier row's output-check error (D2, documented; common.hpp).
 #pragma once
 
 #include "common.hpp"
@@ -111,7 +111,7 @@ struct row_expect {
   std::vector<error_outcome> late;
   bool value_ok = true;               ///< a successful result is acceptable
   bool strict = false;                ///< the expected error follows from the input alone (not from the range zone)
-  std::string tag;                    ///< a mismatch at this row is this known issue (R3)
+  std::string tag;                    ///< a mismatch at this row is this known issue (none open)
   bool grad_beyond = false;           ///< no value only because the gradient is clearly beyond its type (D2)
   ld loss = 0;
   std::vector<ld> grad;               ///< [V] reference gradient (scaled), when checked
@@ -242,7 +242,6 @@ void run(const cfg& c, input& in) {
         e.errors.push_back({f.code, r, f.col, ""});
         e.value_ok = false;
         e.strict = true;
-        if (f.negative) e.tag = "R3";  // the library reads a finite logit overflowing to -inf as a mask
         continue;
       }
     }

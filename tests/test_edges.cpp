@@ -685,6 +685,59 @@ TEST_CASE("edges: fixed issue K4: row gradients that overflow fp32 were written 
   CHECK(std::fabs(gd[size_t(2 * V)]) > 1e38);
 }
 
+TEST_CASE("edges: fixed issue D2: which row a gradient overflow reports, in both orders") {
+  // Rows 1 and 3 overflow fp32 in the gradient (grad_scale 1e37 at T_S = 0.05). Both orders
+  // and both thread counts report row 1, the first in row order. With a statistics error in
+  // row 3 instead (NaN), the default order reports row 3 (statistics errors come first, as
+  // documented; nothing is written) and the fused order row 1 (it reaches row 1 first).
+  const index_t N = 4, V = 4;
+  std::vector<float> z, u;
+  for (index_t r = 0; r < N; ++r)
+    for (index_t v = 0; v < V; ++v) {
+      z.push_back(float(v));
+      u.push_back(float(V - 1 - v));
+    }
+  std::vector<int32_t> id(N, 0);
+  std::vector<double> s_old(N, -200.0), gs = {1.0, 1e37, 1.0, 1e37};
+  auto run = [&](bool fused, int threads, std::vector<float>& g, std::vector<double>& loss) {
+    host::row_options opt;
+    opt.student_temperature = 0.05;
+    opt.fused = fused;
+    opt.threads = threads;
+    return host::sampled_rows(est::sampled<est::k2, est::as_loss>{}, tropd::make_matrix<const float>(z.data(), N, V),
+                              tropd::make_matrix<const float>(u.data(), N, V), tropd::view_of(id), tropd::view_of(s_old),
+                              tropd::view_of(loss), tropd::make_matrix(g.data(), N, V), opt, tropd::view_of(gs));
+  };
+  for (const bool fused : {false, true})
+    for (const int threads : {1, 2}) {
+      CAPTURE(fused);
+      CAPTURE(threads);
+      std::vector<float> g(size_t(N * V), 777.f);
+      std::vector<double> loss(N, 12345.0);
+      const auto st = run(fused, threads, g, loss);
+      CHECK(st.code == errc::infinite_divergence);
+      CHECK(st.row == 1);
+      for (double l : loss) CHECK(l == 12345.0);
+    }
+  gs[3] = 1.0;
+  z[size_t(3 * V + 2)] = std::numeric_limits<float>::quiet_NaN();
+  for (const bool fused : {false, true}) {
+    CAPTURE(fused);
+    std::vector<float> g(size_t(N * V), 777.f);
+    std::vector<double> loss(N, 12345.0);
+    const auto st = run(fused, 1, g, loss);
+    if (fused) {
+      CHECK(st.code == errc::infinite_divergence);
+      CHECK(st.row == 1);
+    } else {
+      CHECK(st.code == errc::non_finite_input);
+      CHECK(st.row == 3);
+      CHECK(st.col == 2);
+      for (float x : g) CHECK(x == 777.f);
+    }
+  }
+}
+
 TEST_CASE("edges: fixed issue B5: k far above V is not clamped (buffers of rows x k entries)") {
 #if defined(__unix__) && !defined(TROPD_TEST_SANITIZED)
   // In a child process with a 1 GiB address-space limit: k = INT_MAX must behave like k = V
@@ -816,6 +869,23 @@ TEST_CASE("edges: fixed issue R1: finite logits whose scaled value overflows wer
   const auto o3 = div_rows(est::reverse_kl{}, z3, z2, 1, 2, 0.05, 0.05);
   CHECK(o3.st.code == errc::non_finite_input);
   CHECK(o3.st.col == 1);
+  // R3: a finite logit that scales to -inf is not "zero mass" either: student [0, -3.3e38]
+  // against teacher [0, -inf] at T = 0.05 is unsupported at column 1 (at T = 1 the same rows
+  // are an infinite reverse KL), and a row of two such logits is not "-inf everywhere".
+  std::vector<float> z4 = {0.f, -3.3e38f}, u4 = {0.f, -finf};
+  const auto o4 = div_rows(est::reverse_kl{}, z4, u4, 1, 2, 0.05, 0.05);
+  CHECK(o4.st.code == errc::unsupported);
+  CHECK(o4.st.col == 1);
+  CHECK(div_rows(est::reverse_kl{}, z4, u4, 1, 2).st.code == errc::infinite_divergence);
+  std::vector<float> z5 = {-3.3e38f, -3.3e38f};
+  const auto o5 = div_rows(est::reverse_kl{}, z5, z2, 1, 2, 0.05, 1.0);
+  CHECK(o5.st.code == errc::unsupported);
+  CHECK(o5.st.col == 0);
+  // A -inf input at T = 0.05 stays zero mass: KL([0, -inf] || [0, -inf]) = 0.
+  std::vector<float> z6 = {0.f, -finf};
+  const auto o6 = div_rows(est::reverse_kl{}, z6, z6, 1, 2, 0.05, 0.05);
+  REQUIRE_MESSAGE(o6.st.ok(), o6.st.message());
+  CHECK(o6.loss[0] == doctest::Approx(0).scale(1e-12));
   // In fp64 the same logits are fine: p = q = e_0 at T = 0.05.
   std::vector<double> zd = {3e38, 0.0};
   const auto od = div_rows(est::reverse_kl{}, zd, zd, 1, 2, 0.05, 0.05);

@@ -688,6 +688,7 @@ status evaluate_rows(const Obj& obj, matrix_view<const TS> student, matrix_view<
       auto buf = std::make_unique<detail::row_scratch<W>>();
       std::vector<int32_t> ids(static_cast<size_t>(K + 1));
       std::vector<double> coef(static_cast<size_t>(K + 1));
+      status first{};  // the lowest failing row of the block (the walk goes on after a failure)
       for (index_t r = e0; r-- > b0;) {
         const double wi = w[static_cast<size_t>(r)];
         const token_result& tr = a.tok[static_cast<size_t>(r)];
@@ -705,17 +706,19 @@ status evaluate_rows(const Obj& obj, matrix_view<const TS> student, matrix_view<
         const auto& sm = sums[static_cast<size_t>(r)];
         if constexpr (Obj::has_dense) {
           if (from_eff[static_cast<size_t>(r)] != origin::prompt) {
-            TROPD_TRY(detail::gradient_status(r, detail::row_pass2(obj.dense, student.row(r), teacher.row(r), V, its, itt, *buf, sm,
-                                                                   obj.dense_weight, detail::sparse_terms{ids.data(), coef.data(), m},
-                                                                   scale, grad.row(r), stream)));
+            const status st = detail::gradient_status(r, detail::row_pass2(obj.dense, student.row(r), teacher.row(r), V, its, itt, *buf, sm,
+                                                                           obj.dense_weight, detail::sparse_terms{ids.data(), coef.data(), m},
+                                                                           scale, grad.row(r), stream));
+            if (!st.ok()) first = st;
             continue;
           }
         }
-        TROPD_TRY(detail::gradient_status(r, detail::row_pass2(detail::no_dense{}, student.row(r), static_cast<const TT*>(nullptr), V,
-                                                               its, itt, *buf, sm, 0.0, detail::sparse_terms{ids.data(), coef.data(), m},
-                                                               scale, grad.row(r), stream)));
+        const status st = detail::gradient_status(r, detail::row_pass2(detail::no_dense{}, student.row(r), static_cast<const TT*>(nullptr), V,
+                                                                       its, itt, *buf, sm, 0.0, detail::sparse_terms{ids.data(), coef.data(), m},
+                                                                       scale, grad.row(r), stream));
+        if (!st.ok()) first = st;
       }
-      return {};
+      return first;
     }));
   }
   detail::write_token_outputs(b, a, w, tout);

@@ -33,8 +33,10 @@
 //         failing one too), the losses are untouched.
 // One error is found only while writing, in either order: a gradient value that does not
 // fit the output type (errc::infinite_divergence, row and column of the first such value;
-// gradient rows may be partly written, the losses are untouched). Losses are checked
-// finite before any is written.
+// gradient rows may be partly written, the losses are untouched). In the default order it
+// is reported only when every row passed its statistics (any statistics error comes first,
+// whatever its row); among such rows the first in row order. Losses are checked finite
+// before any is written.
 //
 // Extra memory: O(chunk) per thread (fused: plus O(V) per thread for the kept
 // exponentials) plus one row_summary per row; never O(rows x vocab).
@@ -118,14 +120,6 @@ constexpr index_t padded(index_t n) noexcept {
 /// fp64 work forms each probability with its own exp, see chunk_probs).
 template <class W>
 inline constexpr bool reuse_exps = std::is_same_v<W, float>;
-
-/// Index of the first NaN or +inf in x[0, n), or -1.
-template <class W>
-inline index_t first_bad(const W* x, index_t n) noexcept {
-  for (index_t i = 0; i < n; ++i)
-    if (!(x[i] < inf<W>())) return i;
-  return -1;
-}
 
 /// Maximum and minimum of a chunk, whether it holds -inf (legal: zero mass) and whether it
 /// holds a NaN or +inf (an error).
@@ -664,19 +658,27 @@ TROPD_HOST_INLINE void chunk_sums(const W* A, const W* B, index_t np, W Ms, W Mt
   if constexpr (fast) out[5] = -out[5];
 }
 
-/// The error for a chunk whose scaled values hold a NaN or +inf: non_finite_input when the
-/// input itself is NaN / +inf; unsupported when a finite logit overflowed only once divided
-/// by the temperature in the work type (e.g. 3e38 at T = 0.05 in fp32).
+/// The first error of a chunk after scaling by 1/T in the work type, or ok: non_finite_input
+/// at a NaN / +inf input; unsupported at a finite logit whose scaled value left the work
+/// type's range (+inf, or -inf, which would otherwise read as "zero mass"), e.g. 3e38 at
+/// T = 0.05 in fp32. Called only for chunks whose scan saw a NaN / +inf, or a -inf with
+/// 1/T > 1 (the only case where a finite value can scale to -inf).
 template <class W, class T>
-inline status bad_logit(const T* raw, const W* scaled, index_t n, index_t c0, index_t row, bool student) noexcept {
-  const index_t j = first_bad(scaled, n);
-  if (is_finite(to_acc(raw[j])))
-    return make_error(errc::unsupported,
-                      student ? "a finite student logit divided by the temperature overflows the work type (pass fp64 logits or use a larger temperature)"
-                              : "a finite teacher logit divided by the temperature overflows the work type (pass fp64 logits or use a larger temperature)",
-                      row, c0 + j);
-  return make_error(errc::non_finite_input, student ? "student logits contain NaN or +inf" : "teacher logits contain NaN or +inf", row,
-                    c0 + j);
+inline status scaled_error(const T* raw, const W* scaled, index_t n, index_t c0, index_t row, bool student) noexcept {
+  for (index_t j = 0; j < n; ++j) {
+    const W x = scaled[j];
+    if (x < inf<W>() && x != -inf<W>()) continue;
+    const bool finite_in = is_finite(to_acc(raw[j]));
+    if (x == -inf<W>() && !finite_in) continue;  // a -inf input: zero mass, legal
+    if (finite_in)
+      return make_error(errc::unsupported,
+                        student ? "a finite student logit divided by the temperature leaves the work type's range (pass fp64 logits or use a larger temperature)"
+                                : "a finite teacher logit divided by the temperature leaves the work type's range (pass fp64 logits or use a larger temperature)",
+                        row, c0 + j);
+    return make_error(errc::non_finite_input, student ? "student logits contain NaN or +inf" : "teacher logits contain NaN or +inf", row,
+                      c0 + j);
+  }
+  return {};
 }
 
 /// Pass 1 over one row pair; teacher may be nullptr (student-only statistics).
@@ -698,11 +700,11 @@ inline status row_pass1(const TS* zs, const TT* zt, index_t V, W inv_ts, W inv_t
     const index_t n = std::min(chunk, V - c0), np = padded<W>(n);
     const W *A = buf.a, *B = buf.b;
     const range_info<W> ra = stage_chunk<W, TS>(zs + c0, n, inv_ts, buf.a, A);
-    if (ra.bad) return bad_logit(zs + c0, A, n, c0, row, true);
+    if (ra.bad || (ra.has_ninf && inv_ts > W(1))) TROPD_TRY(scaled_error(zs + c0, A, n, c0, row, true));
     range_info<W> rb{-inf<W>(), false, false};
     if (has_t) {
       rb = stage_chunk<W, TT>(zt + c0, n, inv_tt, buf.b, B);
-      if (rb.bad) return bad_logit(zt + c0, B, n, c0, row, false);
+      if (rb.bad || (rb.has_ninf && inv_tt > W(1))) TROPD_TRY(scaled_error(zt + c0, B, n, c0, row, false));
     }
     // Re-centre the row's sums when a running maximum grows.
     const W Ms2 = max_(Ms, ra.max), Mt2 = max_(Mt, rb.max);
@@ -789,11 +791,11 @@ inline status row_pass1(const TS* zs, const TT* zt, index_t V, W inv_ts, W inv_t
 
 /// log(1 - P_K) of a student row, for the tail-bucket policy: the log-mass of the entries
 /// outside the list ids[0, n) (entries with pad(i) true are not in the list). Without
-/// cancellation: when the tail estimated from the listed log-probs is above 1e-3 that
-/// estimate is used (relative error ~1e-13); otherwise the entries outside the list are
-/// summed directly in one more read of the student row (log-sum-exp over the row minus the
-/// listed ids). -inf exactly when the student has no finite logit outside the list, in
-/// every work type.
+/// cancellation: when the tail estimated from the listed log-probs is above 1e-3 and the
+/// logits are of a sane scale, that estimate is used (relative error below ~2e-7);
+/// otherwise the entries outside the list are summed directly in one more read of the
+/// student row (log-sum-exp over the row minus the listed ids). -inf exactly when the
+/// student has no finite logit outside the list, in every work type.
 template <class W, class TS, class Pad>
 inline double student_tail_log(const TS* zs, index_t V, W its, double lse_s, const int32_t* ids, int n, Pad&& pad,
                                row_scratch<W>& buf) {
@@ -804,8 +806,11 @@ inline double student_tail_log(const TS* zs, index_t V, W its, double lse_s, con
     buf.tail_ids.push_back(ids[i]);
     lse_k = logaddexp(lse_k, double(W(to_acc(zs[ids[i]])) * its) - lse_s);
   }
+  // The estimate is used only where it is accurate: each listed log-prob carries an absolute
+  // rounding error of ~eps |lse_s| (the logits' scale), so with n |lse_s| < 1e6 the listed
+  // mass is known to ~2e-10, i.e. a tail above 1e-3 to a relative 2e-7 (and then surely > 0).
   const double est = log1mexp(min_(lse_k, 0.0));
-  if (est > -6.907755278982137) return est;  // log(1e-3)
+  if (est > -6.907755278982137 && double(buf.tail_ids.size()) * abs_(lse_s) < 1e6) return est;  // log(1e-3)
   std::sort(buf.tail_ids.begin(), buf.tail_ids.end());
   using P = packet_t<W>;
   constexpr index_t L = lanes<W>;
@@ -1341,8 +1346,11 @@ inline status run_rows(index_t rows, index_t V, const row_options& opt, std::vec
   return parallel_rows(rows, opt.threads, [&](index_t b, index_t e) -> status {
     auto buf = std::make_unique<row_scratch<W>>();
     setup(*buf);
-    for (index_t r = e; r-- > b;) TROPD_TRY(grad(r, *buf, sums[static_cast<size_t>(r)]));
-    return {};
+    // On a failure the walk goes on, so the lowest failing row of the block is reported.
+    status first{};
+    for (index_t r = e; r-- > b;)
+      if (status st = grad(r, *buf, sums[static_cast<size_t>(r)]); !st.ok()) first = st;
+    return first;
   });
 }
 
