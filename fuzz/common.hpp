@@ -325,13 +325,18 @@ void judge_failure(const tropd::status& st, const std::vector<RX>& rx, const std
   for (const auto& eo : e.late)
     if (matches(st, eo) && (!late || eo.known.empty())) late = &eo;
   if (!early && !late) fail(cat("row ", fr, ": got ", status_str(st), ", accepted: ", accepted_str(e)), e.tag);
+  const std::string msg = st.message();
+  const bool output_check = msg.find("does not fit the output type") != std::string::npos || msg.find("loss is not finite") != std::string::npos;
   for (int r = 0; r < fr; ++r) {
     const RX& er = rx[static_cast<size_t>(r)];
     if (er.value_ok) continue;
     // Documented (D2): in the non-fused order the output checks run after the first pass of
     // every row, so a first-pass error of any row comes before an earlier row's gradient that
     // does not fit; among output-check errors the first row in row order is reported.
-    if (!fused && er.grad_beyond && early) continue;
+    // (The library's output-check errors say so in their sentence: a gradient value that
+    // "does not fit the output type", or a "loss is not finite"; anything else came from
+    // the statistics pass.)
+    if (!fused && er.grad_beyond && !output_check) continue;
     fail(cat("error reported at row ", fr, " (", status_str(st), ") but row ", r, " expects ", accepted_str(er)), er.tag);
   }
   if (!all_poison(loss)) fail("loss written by a failed call");
