@@ -536,6 +536,79 @@ TEST_CASE("edges: a teacher with zero mass at the sampled token (OPD errors, TrO
   }
 }
 
+TEST_CASE("edges: B6 in the row-level objective: evaluate_rows passes the exact student tail to the tail bucket") {
+  // Every token an outlier (log_ratio_threshold with tau = 1e30), the outlier term a
+  // tail-bucket top-4 FKL in form P. Teacher top-4 = ids {0, 3, 4, 7} (S_K ~ 0.8, so the
+  // teacher tail is not empty); the sampled token is id 0 (in the list).
+  //  (a) the student's other entries are -inf: no mass outside the list: infinite_divergence;
+  //  (b) they are -40: a student tail ~1e-18, far below what the listed fp32 log-probs
+  //      resolve: the loss equals the token-level evaluation given the same token data and
+  //      the tail computed here in long double (token_batch::topk_student_tail_log).
+  tropd::objective<tropd::regions::log_ratio_threshold, est::k1_reward, tropd::outliers::topk_fkl, tropd::clippers::pg_clip> obj;
+  obj.region.tau = 1e30;
+  obj.outlier.fkl = est::topk_forward_kl{4, est::topk_tail::tail_bucket};
+  obj.outlier.form = tropd::outliers::fkl_form::p;
+  const index_t V = 8;
+  const std::vector<int32_t> top = {0, 3, 4, 7};
+  const std::vector<double> u = {2.0, -1.0, -0.5, 1.5, 1.2, 0.4, 0.0, 1.0};
+  const std::vector<int32_t> y = {0};
+  const std::vector<tropd::origin> from = {tropd::origin::student};
+  const std::vector<index_t> off = {0, 1};
+  host::row_tokens rt;
+  rt.ids = tropd::view_of(y);
+  rt.from = tropd::view_of(from);
+  rt.seq_offsets = tropd::view_of(off);
+  for (const double other : {-dinf, -40.0}) {
+    CAPTURE(other);
+    std::vector<double> z(V, other);
+    const std::vector<double> zk = {0.3, -0.2, 0.5, 0.1};
+    for (size_t i = 0; i < 4; ++i) z[size_t(top[i])] = zk[i];
+    std::vector<float> grad(size_t(V), 777.f);
+    double loss = 12345.0;
+    const auto st = host::evaluate_rows(obj, tropd::make_matrix<const double>(z.data(), 1, V), tropd::make_matrix<const double>(u.data(), 1, V),
+                                        rt, {}, tropd::make_matrix(grad.data(), 1, V), &loss);
+    if (other == -dinf) {
+      CHECK_MESSAGE(st.code == errc::infinite_divergence, (st.ok() ? std::string("ok") : st.message()));
+      CHECK(st.row == 0);
+      CHECK(loss == 12345.0);
+      continue;
+    }
+    REQUIRE_MESSAGE(st.ok(), st.message());
+    ld lse_s = 0, lse_t = 0;
+    for (index_t v = 0; v < V; ++v) {
+      lse_s += std::exp(ld(z[size_t(v)]));
+      lse_t += std::exp(ld(u[size_t(v)]));
+    }
+    lse_s = std::log(lse_s);
+    lse_t = std::log(lse_t);
+    ld tail = 0;
+    for (index_t v : {1, 2, 5, 6}) tail += std::exp(ld(z[size_t(v)]) - lse_s);
+    tokens tk;
+    tk.s = {float(ld(z[0]) - lse_s)};
+    tk.t = {float(ld(u[0]) - lse_t)};
+    tk.from = {tropd::origin::student};
+    tk.off = {0, 1};
+    tk.K = 4;
+    tk.ids = top;
+    for (int32_t id : top) {
+      tk.lq.push_back(float(ld(u[size_t(id)]) - lse_t));
+      tk.ls.push_back(float(ld(z[size_t(id)]) - lse_s));
+    }
+    const std::vector<double> tail_log = {double(std::log(tail))};
+    host::token_batch b = tk.view();
+    b.topk_student_tail_log = tropd::view_of(tail_log);
+    std::vector<float> dlds(1);
+    host::token_outputs out;
+    out.dloss_ds = tropd::view_of(dlds);
+    double want = 0;
+    const auto st_tok = host::evaluate_tokens(obj, b, {}, out, &want);
+    REQUIRE_MESSAGE(st_tok.ok(), st_tok.message());
+    CHECK(std::isfinite(loss));
+    CHECK(loss == doctest::Approx(want).epsilon(1e-6));
+    CHECK(loss > 0.1 * 30);  // (1 - S_K) log((1 - S_K) / tail) with a tail ~1e-18: tens of nats
+  }
+}
+
 TEST_CASE("edges: a student with almost no mass on the teacher's top-k (form C: large but finite advantage; the clamp bounds it)") {
   // One outlier token (t = -inf) whose student log-probs at the teacher's top-3 are ~ -1e4.
   tokens tk;

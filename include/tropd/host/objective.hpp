@@ -57,7 +57,8 @@ struct token_batch {
   matrix_view<const float> topk_student_old;  ///< [n x K] rollout-time student log-probs (optional: = current)
   /// [n] optional: log(1 - P_K), the current student's exact log-mass outside the top-k list
   /// (-inf: none; NaN entries: unknown). Read only by the tail-bucket policy, which otherwise
-  /// estimates it from topk_student (unresolvable below ~1e-12). evaluate_rows fills it.
+  /// estimates it as 1 - sum exp(topk_student): with fp32 log-probs that estimate is
+  /// meaningless for tails below ~1e-6 (and below 1e-12 taken as 0). evaluate_rows fills it.
   vector_view<const double> topk_student_tail_log;
 };
 
