@@ -225,15 +225,15 @@ tropd::status run_tropd_rows(kernel k, dataset& d, const TS* zs, const TS* zt, i
   const auto L = tropd::view_of(d.loss);
   host::row_options o;
   o.threads = threads;
-  o.fused = fused;
+  o.order = fused ? host::row_order::single_read : host::row_order::validate_first;
   const tropd::vector_view<const int32_t> Y{d.ids.data(), N};
-  host::row_tokens tok;
+  host::row_inputs tok;
   tok.ids = Y;
   tok.from = {d.from.data(), N};
   tok.seq_offsets = {d.offsets.data(), index_t(d.offsets.size())};
-  host::eval_options eo;
-  eo.seed = 1;
+  const host::eval_options eo{.seed = 1, .threads = threads};
   double loss = 0;
+  const host::row_outputs<> out{.grad = G, .loss = &loss};
   switch (k) {
     case kernel::rkl: return host::divergence_rows(est::reverse_kl{}, S, T, L, G, o);
     case kernel::fkl: return host::divergence_rows(est::forward_kl{}, S, T, L, G, o);
@@ -248,9 +248,9 @@ tropd::status run_tropd_rows(kernel k, dataset& d, const TS* zs, const TS* zt, i
     case kernel::k1: return host::sampled_rows(est::sampled<est::k1, est::as_pg_reward>{}, S, T, Y, {}, L, G, o);
     case kernel::k2: return host::sampled_rows(est::sampled<est::k2, est::as_loss>{}, S, T, Y, {}, L, G, o);
     case kernel::k3: return host::sampled_rows(est::sampled<est::k3, est::as_loss>{}, S, T, Y, {}, L, G, o);
-    case kernel::rows_opd: return host::evaluate_rows(tropd::presets::opd(), S, T, tok, eo, G, &loss, nullptr, {}, o);
-    case kernel::rows_tropd: return host::evaluate_rows(tropd::presets::tropd(), S, T, tok, eo, G, &loss, nullptr, {}, o);
-    case kernel::rows_gkd: return host::evaluate_rows(tropd::presets::gkd(0.5), S, T, tok, eo, G, &loss, nullptr, {}, o);
+    case kernel::rows_opd: return host::evaluate_rows(tropd::presets::opd(), S, T, tok, out, eo);
+    case kernel::rows_tropd: return host::evaluate_rows(tropd::presets::tropd(), S, T, tok, out, eo);
+    case kernel::rows_gkd: return host::evaluate_rows(tropd::presets::gkd({.beta = 0.5}), S, T, tok, out, eo);
     default: return tropd::make_error(tropd::errc::unsupported, "not a row kernel");
   }
 }
@@ -271,7 +271,7 @@ void run_naive_rows(kernel k, dataset& d, int threads) {
   }
   float* G = d.grad.data();
   double* L = d.loss.data();
-  host::row_tokens tok;
+  host::row_inputs tok;
   tok.ids = {d.ids.data(), N};
   tok.from = {d.from.data(), N};
   tok.seq_offsets = {d.offsets.data(), index_t(d.offsets.size())};
@@ -291,29 +291,31 @@ void run_naive_rows(kernel k, dataset& d, int threads) {
     case kernel::k3: naive::sampled(c, est::sampled<est::k3, est::as_loss>{}, S, T, d.ids.data(), L, G); break;
     case kernel::rows_opd: L[0] = naive::objective_rows(c, tropd::presets::opd(), S, T, tok, eo, G); break;
     case kernel::rows_tropd: L[0] = naive::objective_rows(c, tropd::presets::tropd(), S, T, tok, eo, G); break;
-    case kernel::rows_gkd: L[0] = naive::objective_rows(c, tropd::presets::gkd(0.5), S, T, tok, eo, G); break;
+    case kernel::rows_gkd: L[0] = naive::objective_rows(c, tropd::presets::gkd({.beta = 0.5}), S, T, tok, eo, G); break;
     default: break;
   }
 }
 
 tropd::status run_tokens(kernel k, token_data& d) {
   const index_t N = d.N;
-  host::token_batch b;
+  tropd::token_batch b;
   b.s = {d.s.data(), N};
   b.t = {d.t.data(), N};
   b.from = {d.from.data(), N};
   b.seq_offsets = {d.offsets.data(), index_t(d.offsets.size())};
-  host::token_outputs out;
+  tropd::token_outputs out;
   out.dloss_ds = {d.dds.data(), N};
   host::eval_options eo;
   eo.seed = 1;
   double loss = 0;
-  if (k == kernel::tok_opd) return host::evaluate_tokens(tropd::presets::opd(), b, eo, out, &loss);
+  out.loss = &loss;
+  if (k == kernel::tok_opd) return host::evaluate_tokens(tropd::presets::opd(), b, out, eo);
   b.topk_ids = tropd::make_matrix<const int32_t>(d.tid.data(), N, K_TOPK);
   b.topk_teacher = tropd::make_matrix<const float>(d.tq.data(), N, K_TOPK);
   b.topk_student = tropd::make_matrix<const float>(d.ts.data(), N, K_TOPK);
   out.dloss_dtopk = tropd::make_matrix<float>(d.dtopk.data(), N, K_TOPK);
-  return host::evaluate_tokens(tropd::presets::tropd(), b, eo, out, &loss);
+  out.loss = &loss;
+  return host::evaluate_tokens(tropd::presets::tropd(), b, out, eo);
 }
 
 // ---------------------------------------------------------------------------
@@ -502,7 +504,7 @@ void self_check() {
     const bool objective = ki.k == kernel::rows_opd || ki.k == kernel::rows_tropd || ki.k == kernel::rows_gkd;
     double tl = 0;
     if (objective) {  // evaluate_rows returns one loss: recompute it for the comparison
-      host::row_tokens tok;
+      host::row_inputs tok;
       tok.ids = {d.ids.data(), N};
       tok.from = {d.from.data(), N};
       tok.seq_offsets = {d.offsets.data(), index_t(d.offsets.size())};
@@ -510,9 +512,9 @@ void self_check() {
       eo.seed = 1;
       const auto S = tropd::make_matrix<const float>(d.zs.data(), N, V), T = tropd::make_matrix<const float>(d.zt.data(), N, V);
       const auto G = tropd::make_matrix<float>(d.grad.data(), N, V);
-      if (ki.k == kernel::rows_opd) throw_if_error(host::evaluate_rows(tropd::presets::opd(), S, T, tok, eo, G, &tl));
-      if (ki.k == kernel::rows_tropd) throw_if_error(host::evaluate_rows(tropd::presets::tropd(), S, T, tok, eo, G, &tl));
-      if (ki.k == kernel::rows_gkd) throw_if_error(host::evaluate_rows(tropd::presets::gkd(0.5), S, T, tok, eo, G, &tl));
+      if (ki.k == kernel::rows_opd) tropd::throw_if_error(host::evaluate_rows(tropd::presets::opd(), S, T, tok, host::row_outputs<>{.grad = G, .loss = &tl}, eo));
+      if (ki.k == kernel::rows_tropd) tropd::throw_if_error(host::evaluate_rows(tropd::presets::tropd(), S, T, tok, host::row_outputs<>{.grad = G, .loss = &tl}, eo));
+      if (ki.k == kernel::rows_gkd) tropd::throw_if_error(host::evaluate_rows(tropd::presets::gkd({.beta = 0.5}), S, T, tok, host::row_outputs<>{.grad = G, .loss = &tl}, eo));
     }
     std::vector<double> l1 = d.loss;
     std::vector<float> g1(d.grad.data(), d.grad.data() + N * V);

@@ -253,7 +253,7 @@ void sampled(const ctx& c, const Est& est, const float* S, const float* T, const
 /// KL per row (extra passes), teacher top-k (torch.topk) where the outlier handler needs it,
 /// then tropd's token-level rule for the decisions, then the dense gradient pass.
 template <class Obj>
-double objective_rows(const ctx& c, const Obj& obj, const float* S, const float* T, const tropd::host::row_tokens& tok,
+double objective_rows(const ctx& c, const Obj& obj, const float* S, const float* T, const tropd::host::row_inputs& tok,
                       const tropd::host::eval_options& opt, float* G) {
   using namespace tropd;
   float *LS, *P, *LT, *Q;
@@ -272,7 +272,7 @@ double objective_rows(const ctx& c, const Obj& obj, const float* S, const float*
     s[size_t(r)] = LS[r * V + tok.ids[r]];
     t[size_t(r)] = LT[r * V + tok.ids[r]];
   }
-  host::token_batch b;
+  tropd::token_batch b;
   b.s = {s.data(), N};
   b.t = {t.data(), N};
   b.from = tok.from;
@@ -308,10 +308,11 @@ double objective_rows(const ctx& c, const Obj& obj, const float* S, const float*
     for (index_t r = 0; r < N; ++r) L += obj.dense_weight * v[size_t(r)] / n;
     return L;
   } else {
-    host::token_outputs out;
+    tropd::token_outputs out;
     out.dloss_ds = {dds.data(), N};
     if (K) out.dloss_dtopk = make_matrix<float>(dtopk.data(), N, K);
-    throw_if_error(host::evaluate_tokens(obj, b, opt, out, &L));
+    out.loss = &L;
+    throw_if_error(host::evaluate_tokens(obj, b, out, opt));
     for (index_t r = 0; r < N; ++r) {
       cid[size_t(r * (K + 1))] = tok.ids[r];
       coef[size_t(r * (K + 1))] = dds[size_t(r)];

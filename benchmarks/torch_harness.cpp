@@ -81,15 +81,14 @@ int main(int argc, char** argv) {
 
   host::row_options ro;
   ro.threads = threads;
-  host::eval_options eo;
-  eo.seed = 1;
-  host::row_tokens tok;
+  const host::eval_options eo{.seed = 1, .threads = threads};
+  host::row_inputs tok;
   tok.ids = {ids.data(), N};
   tok.from = {from.data(), N};
   tok.seq_offsets = {offsets.data(), static_cast<index_t>(offsets.size())};
-  host::token_outputs tout;
+  tropd::token_outputs tout;
   tout.flags = {tok_flags.data(), N};
-  const auto obj = presets::tropd(1e-3, k);
+  const auto obj = presets::tropd({.beta = 1e-3, .k = k});
 
   std::vector<double> seconds(static_cast<size_t>(reps));
   for (int i = 0; i < reps; ++i) {
@@ -99,7 +98,7 @@ int main(int argc, char** argv) {
       st = host::divergence_rows(estimators::reverse_kl{}, S, T, view_of(loss), G, ro);
     } else {
       double L = 0;
-      st = host::evaluate_rows(obj, S, T, tok, eo, G, &L, nullptr, tout, ro);
+      st = host::evaluate_rows(obj, S, T, tok, host::row_outputs<>{.grad = G, .loss = &L, .flags = tout.flags}, eo);
       loss[0] = L;
     }
     seconds[static_cast<size_t>(i)] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -28,7 +28,7 @@ struct entropy_and_ratio_gate {
     if (!(max_entropy >= 0)) return tropd::make_error(tropd::errc::invalid_parameter, "max_entropy must be >= 0");
     return {};
   }
-  bool trusted(const tropd::regions::token_view& tok, const tropd::regions::batch_context&) const noexcept {
+  bool trusted(const tropd::token& tok, const tropd::regions::batch_context&) const noexcept {
     return tok.ent_s <= max_entropy && tok.R > tau;
   }
 };
@@ -78,7 +78,7 @@ int main() {
   std::vector<float> hs = {0.0f, 1.0f, 0.8f, 1.5f, 0.0f, 2.5f, 0.3f, 1.9f};          // student entropies
   std::vector<tropd::index_t> offsets = {0, 4, 8};
 
-  tropd::host::token_batch batch;
+  tropd::token_batch batch;
   batch.s = tropd::view_of(s);  // s_old omitted: s_old = s (first update of a step, rho = 1)
   batch.t = tropd::view_of(t);
   batch.from = tropd::view_of(from);
@@ -87,14 +87,16 @@ int main() {
 
   std::vector<float> dloss_ds(s.size()), advantage(s.size());
   std::vector<uint8_t> flags(s.size());
-  tropd::host::token_outputs out;
+  tropd::token_outputs out;
   out.dloss_ds = tropd::view_of(dloss_ds);
   out.advantage = tropd::view_of(advantage);
   out.flags = tropd::view_of(flags);
 
   double loss = 0;
-  tropd::host::diagnostics diag;
-  const tropd::status st = tropd::host::evaluate_tokens(obj, batch, tropd::host::eval_options{}, out, &loss, &diag);
+  tropd::diagnostics diag;
+  out.loss = &loss;
+  out.diag = &diag;
+  const tropd::status st = tropd::host::evaluate_tokens(obj, batch, out, tropd::host::eval_options{});
   if (!st.ok()) {
     std::fprintf(stderr, "%s\n", st.message().c_str());
     return 1;

@@ -209,7 +209,7 @@ template <class Obj>
 void run_with(const Obj& obj, const cfg& c) {
   const int n = c.n, K = c.K;
   // Views (faults applied).
-  tropd::host::token_batch b;
+  tropd::token_batch b;
   std::vector<origin> from(static_cast<size_t>(n));
   for (int i = 0; i < n; ++i) from[static_cast<size_t>(i)] = static_cast<origin>(c.from[static_cast<size_t>(i)]);
   const index_t nn = c.fault == f_empty ? 0 : n;
@@ -240,19 +240,21 @@ void run_with(const Obj& obj, const cfg& c) {
   std::vector<float> ds(static_cast<size_t>(n + 1), poison<float>()), adv(static_cast<size_t>(n), poison<float>()),
       gk(static_cast<size_t>(n * std::max(K, 1)), poison<float>());
   std::vector<uint8_t> fl(static_cast<size_t>(n), poison<uint8_t>());
-  tropd::host::token_outputs out;
+  tropd::token_outputs out;
   if (c.want_ds) out.dloss_ds = {ds.data(), c.fault == f_out_size ? nn + 1 : nn};
   if (c.want_adv) out.advantage = {adv.data(), nn};
   if (c.want_topk && K > 0) out.dloss_dtopk = {gk.data(), nn, K, K};
   out.flags = {fl.data(), nn};
   double loss = poison<double>();
-  tropd::host::diagnostics diag;
+  tropd::diagnostics diag;
   diag.n_masked_input = -12345;
   tropd::host::eval_options eo;
   eo.seed = c.seed;
   eo.step = c.step;
   eo.bad_input = c.mask ? tropd::host::input_policy::mask : tropd::host::input_policy::reject;
-  const tropd::status st = tropd::host::evaluate_tokens(obj, b, eo, out, &loss, &diag);
+  out.loss = &loss;
+  out.diag = &diag;
+  const tropd::status st = tropd::host::evaluate_tokens(obj, b, out, eo);
 
   note_outcome(st);
   auto untouched = [&] {
@@ -294,6 +296,8 @@ void run_with(const Obj& obj, const cfg& c) {
             return expect_error({errc::duplicate_topk_id, i, k, ""});
       }
     }
+  // The objective's k must be the lists' width (never silently ignored).
+  if (needs_topk(c.preset) && K != c.k) return expect_error({errc::invalid_parameter, -1, -1, ""});
   if (c.fault == f_out_size && c.want_ds) return expect_error({errc::shape_mismatch, -1, -1, ""});
 
   // ---- Values: reject names the first bad token; mask turns bad tokens into prompt tokens.
@@ -569,23 +573,23 @@ inline void run(const cfg& c) {
       pc.eps_low = c.eps_low;
       pc.eps_high = c.eps_high;
       pc.dual_c = c.dual;
-      return run_with(common(presets::opd(pc)), c);
+      return run_with(common(presets::opd({.clip = pc})), c);
     }
-    case p_tropd_c: return run_with(common(presets::tropd(c.beta, c.k)), c);
-    case p_tropd_c_clamp: return run_with(common(presets::tropd(c.beta, c.k, tropd::outliers::fkl_form::c, c.clamp)), c);
-    case p_tropd_p: return run_with(common(presets::tropd(c.beta, c.k, tropd::outliers::fkl_form::p)), c);
+    case p_tropd_c: return run_with(common(presets::tropd({.beta = c.beta, .k = c.k})), c);
+    case p_tropd_c_clamp: return run_with(common(presets::tropd({.beta = c.beta, .k = c.k, .form = tropd::outliers::fkl_form::c, .clamp = c.clamp})), c);
+    case p_tropd_p: return run_with(common(presets::tropd({.beta = c.beta, .k = c.k, .form = tropd::outliers::fkl_form::p})), c);
     case p_fkl_raw: {
-      auto o = presets::fkl_outlier(c.k);
+      auto o = presets::fkl_outlier({.k = c.k});
       o.outlier.fkl.tail = tropd::estimators::topk_tail::raw;
       return run_with(common(o), c);
     }
-    case p_clip_outlier: return run_with(common(presets::clip_outlier(c.tau, c.beta)), c);
-    case p_mask_outlier: return run_with(common(presets::mask_outlier(c.tau, c.beta)), c);
-    case p_eopd: return run_with(common(presets::eopd(c.tau, c.k, c.eps_low, c.eps_high)), c);
-    case p_reopold: return run_with(common(presets::reopold(c.floor, c.switch_step, c.fraction)), c);
-    case p_entropy_opd: return run_with(common(presets::entropy_opd(c.fraction)), c);
+    case p_clip_outlier: return run_with(common(presets::clip_outlier({.tau = c.tau, .guidance_beta = c.beta})), c);
+    case p_mask_outlier: return run_with(common(presets::mask_outlier({.tau = c.tau, .guidance_beta = c.beta})), c);
+    case p_eopd: return run_with(common(presets::eopd({.tau = c.tau, .k = c.k, .eps_low = c.eps_low, .eps_high = c.eps_high})), c);
+    case p_reopold: return run_with(common(presets::reopold({.floor = c.floor, .switch_step = c.switch_step, .entropy_fraction = c.fraction})), c);
+    case p_entropy_opd: return run_with(common(presets::entropy_opd({.fraction = c.fraction})), c);
     case p_vopd: return run_with(common(presets::vopd()), c);
-    case p_gopd: return run_with(common(presets::gopd(c.lambda)), c);
+    case p_gopd: return run_with(common(presets::gopd({.lambda = c.lambda})), c);
     default: return run_with(common(presets::gkd()), c);
   }
 }
@@ -619,7 +623,10 @@ inline cfg decode(input& in) {
   c.tau = in.from(taus);
   static const double clamps[] = {5, 1, 0.1, 50, 0, -1, std::numeric_limits<double>::quiet_NaN(), dinf};
   c.clamp = in.from(clamps);
-  static const int ks[] = {64, 16, 4, 1, 0, -3, 64, 2};
+  // k_width: the lists' width K (decided below): the library requires k = K at token level,
+  // so most cases take it; the others exercise the mismatch error and invalid k.
+  constexpr int k_width = 1 << 20;
+  static const int ks[] = {k_width, k_width, k_width, 64, 1, 0, -3, k_width};
   c.k = in.from(ks);
   static const double fracs[] = {0.2, 0.5, 1, 0.01, 0, 1.5, std::numeric_limits<double>::quiet_NaN(), 0.3};
   c.fraction = in.from(fracs);
@@ -668,6 +675,7 @@ inline cfg decode(input& in) {
   c.has_ref = c.preset == p_gopd ? (sup & 1) || (sup & 2) : (sup & 4) && (sup & 16);
   const double p_neg_inf_t = in.pick(3) == 0 ? 0.3 : 0.0;
   c.K = (needs_topk(c.preset) || in.pick(4) == 0) ? 1 + in.pick(6) : 0;
+  if (c.k == k_width) c.k = c.K > 0 ? c.K : 4;
   c.has_ls_old = in.bit();
   for (int i = 0; i < c.n; ++i) {
     bool real = false;

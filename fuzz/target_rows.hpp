@@ -184,7 +184,7 @@ void run(const cfg& c, input& in) {
   opt.student_temperature = c.Ts;
   opt.teacher_temperature = c.Tt;
   opt.threads = c.threads;
-  opt.fused = c.fused;
+  opt.order = c.fused ? tropd::host::row_order::single_read : tropd::host::row_order::validate_first;
 
   // Reference log-softmaxes per row (only meaningful for rows without NaN/+inf).
   std::vector<std::vector<ld>> ls(static_cast<size_t>(N)), lt(static_cast<size_t>(N));

@@ -154,8 +154,10 @@ void run(const cfg& c, input& in) {
   opt.student_temperature = c.Ts;
   opt.teacher_temperature = c.Tt;
   opt.threads = c.threads;
-  opt.fused = c.fused;
-  const est::topk_forward_kl e{c.k, static_cast<est::topk_tail>(c.tail)};
+  opt.order = c.fused ? tropd::host::row_order::single_read : tropd::host::row_order::validate_first;
+  // Given lists: the estimator's k is the lists' width (the library rejects a mismatch; that
+  // rule has its unit test), except where k itself is invalid.
+  const est::topk_forward_kl e{lists && c.k >= 1 ? K : c.k, static_cast<est::topk_tail>(c.tail)};
   const naive::tail ntail = c.tail == 0 ? naive::tail::raw : (c.tail == 1 ? naive::tail::renormalised : naive::tail::tail_bucket);
 
   // ---- Global errors.

@@ -221,7 +221,7 @@ TEST_CASE("bad input: non-finite logits name the row and column; status::message
         CAPTURE(fused);
         CAPTURE(threads);
         tropd::host::row_options opt;
-        opt.fused = fused;
+        opt.order = fused ? tropd::host::row_order::single_read : tropd::host::row_order::validate_first;
         opt.threads = threads;
         outs<float> o(R, V);
         expect(tropd::host::divergence_rows(est::total_variation{}, cm(in.z, R, V), cm(in.u, R, V), o.lv(), o.gv(R, V), opt),
@@ -310,7 +310,7 @@ TEST_CASE("bad input: sampled_rows ids, s_old and infinite log-ratios") {
     for (bool fused : {false, true}) {
       outs<float> o(R, V);
       tropd::host::row_options opt;
-      opt.fused = fused;
+      opt.order = fused ? tropd::host::row_order::single_read : tropd::host::row_order::validate_first;
       const auto st = tropd::host::sampled_rows(opd, cm(in.z, R, V), cm(in.u, R, V), tropd::view_of(ids), {}, o.lv(), o.gv(R, V), opt);
       expect(st, errc::infinite_divergence, 2, ids[2]);
       CHECK(st.message().find("row 2") != std::string::npos);
@@ -370,7 +370,7 @@ TEST_CASE("bad input: top-k lists") {
   auto run = [&](const std::vector<int32_t>& I, const std::vector<float>& L, outs<float>& o,
                  est::topk_tail tail = est::topk_tail::renormalised) {
     tropd::host::topk_lists tl{cm(I, R, K), cm(L, R, K)};
-    return tropd::host::topk_forward_kl_rows(est::topk_forward_kl{64, tail}, cm(in.z, R, V), tl, o.lv(), o.gv(R, V));
+    return tropd::host::topk_forward_kl_rows(est::topk_forward_kl{static_cast<int>(K), tail}, cm(in.z, R, V), tl, o.lv(), o.gv(R, V));
   };
   {
     outs<float> o(R, V);
@@ -444,7 +444,7 @@ TEST_CASE("bad input: top-k lists") {
     in2.z[static_cast<size_t>(1 * V + 12)] = -finf;  // row 1 lists ids 11..15
     outs<float> o(R, V);
     tropd::host::topk_lists tl{cm(ids, R, K), cm(lp, R, K)};
-    expect(tropd::host::topk_forward_kl_rows(est::topk_forward_kl{}, cm(in2.z, R, V), tl, o.lv(), o.gv(R, V)), errc::infinite_divergence, 1);
+    expect(tropd::host::topk_forward_kl_rows(est::topk_forward_kl{static_cast<int>(K)}, cm(in2.z, R, V), tl, o.lv(), o.gv(R, V)), errc::infinite_divergence, 1);
     CHECK(o.untouched());
   }
 }

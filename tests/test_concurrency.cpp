@@ -64,7 +64,7 @@ struct result_set {
   double loss = 0;
   std::vector<float> grad, dlds, adv;
   std::vector<uint8_t> flags;
-  host::diagnostics d;
+  tropd::diagnostics d;
 };
 
 template <class Obj>
@@ -74,7 +74,7 @@ result_set eval_rows(const Obj& o, const shared_batch& b, int inner_threads) {
   r.dlds.assign(size_t(b.n), 0.f);
   r.adv.assign(size_t(b.n), 0.f);
   r.flags.assign(size_t(b.n), 0);
-  host::row_tokens rt;
+  host::row_inputs rt;
   rt.ids = tropd::view_of(b.y);
   rt.from = tropd::view_of(b.from);
   rt.seq_offsets = tropd::view_of(b.off);
@@ -83,14 +83,16 @@ result_set eval_rows(const Obj& o, const shared_batch& b, int inner_threads) {
   host::eval_options eo;
   eo.seed = 99;
   eo.step = 4;
-  host::token_outputs tout;
+  tropd::token_outputs tout;
   tout.dloss_ds = tropd::view_of(r.dlds);
   tout.advantage = tropd::view_of(r.adv);
   tout.flags = tropd::view_of(r.flags);
-  host::row_options ropt;
-  ropt.threads = inner_threads;
+  eo.threads = inner_threads;
   r.st = host::evaluate_rows(o, tropd::make_matrix<const float>(b.z.data(), b.n, b.V), tropd::make_matrix<const float>(b.u.data(), b.n, b.V),
-                             rt, eo, tropd::make_matrix(r.grad.data(), b.n, b.V), &r.loss, &r.d, tout, ropt);
+                             rt,
+                             host::row_outputs<>{.grad = tropd::make_matrix(r.grad.data(), b.n, b.V), .loss = &r.loss, .diag = &r.d,
+                                                 .dloss_ds = tout.dloss_ds, .advantage = tout.advantage, .flags = tout.flags},
+                             eo);
   return r;
 }
 
@@ -125,8 +127,8 @@ void on_threads(int k, F&& f) {
 
 TEST_CASE("concurrency: one objective evaluated from several threads at once equals sequential runs (evaluate_rows)") {
   const shared_batch b(1, 24, 150);
-  const auto tro = tropd::presets::tropd(1e-3, 8);
-  const auto gkd = tropd::presets::gkd(0.5);
+  const auto tro = tropd::presets::tropd({.beta = 1e-3, .k = 8});
+  const auto gkd = tropd::presets::gkd({.beta = 0.5});
   const auto opd = tropd::presets::opd();
   for (int inner : {1, 2}) {
     CAPTURE(inner);
@@ -164,7 +166,7 @@ TEST_CASE("concurrency: evaluate_tokens from several threads at once equals sequ
       lq.push_back(-0.5f - 0.7f * float(k));
       ls.push_back(-1.0f - 0.3f * float((i + k) % 4));
     }
-  host::token_batch tb;
+  tropd::token_batch tb;
   tb.s = tropd::view_of(s);
   tb.s_old = tropd::view_of(b.s_old);
   tb.t = tropd::view_of(t);
@@ -174,21 +176,23 @@ TEST_CASE("concurrency: evaluate_tokens from several threads at once equals sequ
   tb.topk_ids = tropd::make_matrix<const int32_t>(ids.data(), b.n, K);
   tb.topk_teacher = tropd::make_matrix<const float>(lq.data(), b.n, K);
   tb.topk_student = tropd::make_matrix<const float>(ls.data(), b.n, K);
-  const auto obj = tropd::presets::tropd(1e-3, 3, tropd::outliers::fkl_form::p);
+  const auto obj = tropd::presets::tropd({.beta = 1e-3, .k = 3, .form = tropd::outliers::fkl_form::p});
   auto eval = [&] {
     result_set r;
     r.dlds.assign(size_t(b.n), 0.f);
     r.adv.assign(size_t(b.n), 0.f);
     r.flags.assign(size_t(b.n), 0);
     r.grad.assign(size_t(b.n * K), 0.f);  // dL/dlog p at the top-k
-    host::token_outputs out;
+    tropd::token_outputs out;
     out.dloss_ds = tropd::view_of(r.dlds);
     out.advantage = tropd::view_of(r.adv);
     out.flags = tropd::view_of(r.flags);
     out.dloss_dtopk = tropd::make_matrix(r.grad.data(), b.n, K);
     host::eval_options eo;
     eo.seed = 5;
-    r.st = host::evaluate_tokens(obj, tb, eo, out, &r.loss, &r.d);
+    out.loss = &r.loss;
+    out.diag = &r.d;
+    r.st = host::evaluate_tokens(obj, tb, out, eo);
     return r;
   };
   const result_set want = eval();
@@ -219,7 +223,7 @@ TEST_CASE("concurrency: row functions give identical results for threads = 1, 2,
     o.grad.assign(size_t(N * V), 0);
     host::row_options opt;
     opt.threads = threads;
-    opt.fused = fused;
+    opt.order = fused ? tropd::host::row_order::single_read : tropd::host::row_order::validate_first;
     opt.student_temperature = 0.9;
     const auto lv = tropd::view_of(o.loss);
     const auto gv = tropd::make_matrix(o.grad.data(), N, V);

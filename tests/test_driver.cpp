@@ -441,7 +441,7 @@ TEST_CASE("driver: row path mask_outlier with guidance equals the hand-computed 
   sp.kind = rk::mask;
   sp.tau = -1.0L;
   sp.beta = 0.05L;
-  const ref_out ref = run_and_compare(tropd::presets::mask_outlier(-1.0, 0.05), sp, cfg, prompts);
+  const ref_out ref = run_and_compare(tropd::presets::mask_outlier({.tau = -1.0, .guidance_beta = 0.05}), sp, cfg, prompts);
   CHECK(ref.n_trusted > 0);
   CHECK(ref.n_outlier > 0);  // dropped, still counted by the token mean
   CHECK(ref.n_teacher > 0);
@@ -462,7 +462,7 @@ TEST_CASE("driver: row path TrOPD (stochastic trust region, form C, guidance) eq
       sp.k = k;
       sp.seed = seed;
       sp.step = cfg.step;
-      const ref_out ref = run_and_compare(tropd::presets::tropd(1e-3, k), sp, cfg, prompts);
+      const ref_out ref = run_and_compare(tropd::presets::tropd({.beta = 1e-3, .k = k}), sp, cfg, prompts);
       CHECK(ref.min_gap > 1e-4L);  // no decision sits within rounding of log U = R
       CHECK(ref.n_trusted > 0);
       CHECK(ref.n_outlier > 0);
@@ -480,7 +480,7 @@ TEST_CASE("driver: row path TrOPD form P equals the hand-computed objective") {
   sp.k = 4;
   sp.seed = cfg.seed;
   sp.step = cfg.step;
-  const ref_out ref = run_and_compare(tropd::presets::tropd(1e-3, 4, tropd::outliers::fkl_form::p), sp, cfg, prompts);
+  const ref_out ref = run_and_compare(tropd::presets::tropd({.beta = 1e-3, .k = 4, .form = tropd::outliers::fkl_form::p}), sp, cfg, prompts);
   CHECK(ref.min_gap > 1e-4L);
   CHECK(ref.n_outlier > 0);
 }
@@ -491,7 +491,7 @@ TEST_CASE("driver: row path runs GKD (dense JSD) and matches the naive JSD gradi
   ref_spec sp;
   sp.kind = rk::gkd;
   sp.jsd_beta = 0.5L;
-  const ref_out ref = run_and_compare(tropd::presets::gkd(0.5), sp, cfg, prompts);
+  const ref_out ref = run_and_compare(tropd::presets::gkd({.beta = 0.5}), sp, cfg, prompts);
   CHECK(ref.n_counted == ref.n_student + ref.n_teacher);
 }
 
@@ -580,7 +580,7 @@ TEST_CASE("driver: token path mask_outlier with guidance matches the row path") 
   sp.kind = rk::mask;
   sp.tau = -1.0L;
   sp.beta = 0.05L;
-  check_token_path_matches_rows(tropd::presets::mask_outlier(-1.0, 0.05), sp);
+  check_token_path_matches_rows(tropd::presets::mask_outlier({.tau = -1.0, .guidance_beta = 0.05}), sp);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -674,7 +674,7 @@ TEST_CASE("driver: n = 0 gives only off-policy samples and the loss is the guida
   mk::logits_student st(student_cf(), END);
   mk::full_teacher te(teacher_cf());
   tr::step_report rep;
-  REQUIRE(tr::distill_step(st, te, std::span<const ts::prompt_example>(prompts), tropd::presets::tropd(beta), ts::cosine{}, cfg, rep).ok());
+  REQUIRE(tr::distill_step(st, te, std::span<const ts::prompt_example>(prompts), tropd::presets::tropd({.beta = beta}), ts::cosine{}, cfg, rep).ok());
   CHECK(st.sample_calls == 0);
   check_layout(rep, st, prompts, cfg);
   CHECK(rep.plan.num_on_policy() == 0);
@@ -724,7 +724,7 @@ TEST_CASE("driver: empty continuations are allowed (their sequences hold no stud
   mk::logits_student st(student_cf(), END);
   mk::full_teacher te(teacher_cf());
   tr::step_report rep;
-  REQUIRE(tr::distill_step(st, te, std::span<const ts::prompt_example>(prompts), tropd::presets::tropd(0.02), ts::cosine{}, cfg, rep).ok());
+  REQUIRE(tr::distill_step(st, te, std::span<const ts::prompt_example>(prompts), tropd::presets::tropd({.beta = 0.02}), ts::cosine{}, cfg, rep).ok());
   check_layout(rep, st, prompts, cfg);
   CHECK(st.sample_calls == 3 * cfg.n);
   CHECK(rep.diag.n_student == 0);
@@ -989,7 +989,7 @@ TEST_CASE("driver: objectives that need logits, top-k lists or entropies report 
   SUBCASE("EOPD (teacher entropy, top-k lists)") { expect_unsupported_on_token_path(pr::eopd()); }
   SUBCASE("GKD (dense term)") { expect_unsupported_on_token_path(pr::gkd()); }
   SUBCASE("Entropy OPD (student entropy)") { expect_unsupported_on_token_path(pr::entropy_opd()); }
-  SUBCASE("REOPOLD (student entropy in phase II)") { expect_unsupported_on_token_path(pr::reopold(-2.0, 100)); }
+  SUBCASE("REOPOLD (student entropy in phase II)") { expect_unsupported_on_token_path(pr::reopold({.floor = -2.0, .switch_step = 100})); }
   SUBCASE("vOPD (per-position reverse KL)") { expect_unsupported_on_token_path(pr::vopd()); }
   SUBCASE("G-OPD (reference log-probs)") { expect_unsupported_on_token_path(pr::gopd()); }
   SUBCASE("the same objectives run on the row path") {

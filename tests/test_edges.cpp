@@ -159,8 +159,8 @@ struct tokens {
   std::vector<int32_t> ids;
   std::vector<float> lq, ls, ls_old;
 
-  host::token_batch view() const {
-    host::token_batch b;
+  tropd::token_batch view() const {
+    tropd::token_batch b;
     const index_t n = static_cast<index_t>(s.size());
     b.s = {s.data(), n};
     if (!s_old.empty()) b.s_old = {s_old.data(), n};
@@ -182,7 +182,7 @@ struct tok_out {
   double loss = 0;
   std::vector<float> dlds, adv;
   std::vector<uint8_t> flags;
-  host::diagnostics d;
+  tropd::diagnostics d;
 };
 
 template <class Obj>
@@ -192,13 +192,15 @@ tok_out run_tokens(const Obj& o, const tokens& tk, host::input_policy pol = host
   r.dlds.assign(n, 777.f);
   r.adv.assign(n, 777.f);
   r.flags.assign(n, 0xee);
-  host::token_outputs out;
+  tropd::token_outputs out;
   out.dloss_ds = tropd::view_of(r.dlds);
   out.advantage = tropd::view_of(r.adv);
   out.flags = tropd::view_of(r.flags);
   host::eval_options eo;
   eo.bad_input = pol;
-  r.st = host::evaluate_tokens(o, tk.view(), eo, out, &r.loss, &r.d);
+  out.loss = &r.loss;
+  out.diag = &r.d;
+  r.st = host::evaluate_tokens(o, tk.view(), out, eo);
   return r;
 }
 
@@ -466,7 +468,7 @@ TEST_CASE("edges: a teacher with zero mass at the sampled token (OPD errors, TrO
   CHECK(opd.dlds[0] == 777.f);  // nothing written
   for (auto form : {tropd::outliers::fkl_form::c, tropd::outliers::fkl_form::p}) {
     CAPTURE(int(form));
-    const auto o = tropd::presets::tropd(1e-3, 3, form);
+    const auto o = tropd::presets::tropd({.beta = 1e-3, .k = 3, .form = form});
     const auto r = run_tokens(o, tk);
     REQUIRE_MESSAGE(r.st.ok(), r.st.message());
     CHECK((r.flags[1] & tropd::flags::outlier) != 0);  // R = -inf is always an outlier
@@ -501,24 +503,26 @@ TEST_CASE("edges: a teacher with zero mass at the sampled token (OPD errors, TrO
   const std::vector<int32_t> y = {1, 5};
   const std::vector<tropd::origin> from = {tropd::origin::student, tropd::origin::student};
   const std::vector<index_t> off = {0, 2};
-  host::row_tokens rt;
+  host::row_inputs rt;
   rt.ids = tropd::view_of(y);
   rt.from = tropd::view_of(from);
   rt.seq_offsets = tropd::view_of(off);
   std::vector<float> grad(static_cast<size_t>(n * V), 777.f), dlds(n);
   std::vector<uint8_t> flags(n);
-  host::token_outputs tout;
+  tropd::token_outputs tout;
   tout.dloss_ds = tropd::view_of(dlds);
   tout.flags = tropd::view_of(flags);
   double loss = 0;
   auto st = host::evaluate_rows(tropd::presets::opd(), tropd::make_matrix<const double>(z.data(), n, V),
-                                tropd::make_matrix<const double>(u.data(), n, V), rt, {}, tropd::make_matrix(grad.data(), n, V), &loss);
+                                tropd::make_matrix<const double>(u.data(), n, V), rt,
+                                host::row_outputs<>{.grad = tropd::make_matrix(grad.data(), n, V), .loss = &loss});
   CHECK(st.code == errc::infinite_divergence);
   CHECK(st.row == 0);
   CHECK(grad[0] == 777.f);
-  const auto trop = tropd::presets::tropd(1e-3, 4);
-  st = host::evaluate_rows(trop, tropd::make_matrix<const double>(z.data(), n, V), tropd::make_matrix<const double>(u.data(), n, V), rt, {},
-                           tropd::make_matrix(grad.data(), n, V), &loss, nullptr, tout);
+  const auto trop = tropd::presets::tropd({.beta = 1e-3, .k = 4});
+  st = host::evaluate_rows(trop, tropd::make_matrix<const double>(z.data(), n, V), tropd::make_matrix<const double>(u.data(), n, V), rt,
+                           host::row_outputs<>{.grad = tropd::make_matrix(grad.data(), n, V), .loss = &loss, .dloss_ds = tout.dloss_ds,
+                                               .flags = tout.flags});
   REQUIRE_MESSAGE(st.ok(), st.message());
   CHECK((flags[0] & tropd::flags::outlier) != 0);
   std::vector<vec> zr, ur;
@@ -554,7 +558,7 @@ TEST_CASE("edges: B6 in the row-level objective: evaluate_rows passes the exact 
   const std::vector<int32_t> y = {0};
   const std::vector<tropd::origin> from = {tropd::origin::student};
   const std::vector<index_t> off = {0, 1};
-  host::row_tokens rt;
+  host::row_inputs rt;
   rt.ids = tropd::view_of(y);
   rt.from = tropd::view_of(from);
   rt.seq_offsets = tropd::view_of(off);
@@ -566,7 +570,7 @@ TEST_CASE("edges: B6 in the row-level objective: evaluate_rows passes the exact 
     std::vector<float> grad(size_t(V), 777.f);
     double loss = 12345.0;
     const auto st = host::evaluate_rows(obj, tropd::make_matrix<const double>(z.data(), 1, V), tropd::make_matrix<const double>(u.data(), 1, V),
-                                        rt, {}, tropd::make_matrix(grad.data(), 1, V), &loss);
+                                        rt, host::row_outputs<>{.grad = tropd::make_matrix(grad.data(), 1, V), .loss = &loss});
     if (other == -dinf) {
       CHECK_MESSAGE(st.code == errc::infinite_divergence, (st.ok() ? std::string("ok") : st.message()));
       CHECK(st.row == 0);
@@ -595,13 +599,14 @@ TEST_CASE("edges: B6 in the row-level objective: evaluate_rows passes the exact 
       tk.ls.push_back(float(ld(z[size_t(id)]) - lse_s));
     }
     const std::vector<double> tail_log = {double(std::log(tail))};
-    host::token_batch b = tk.view();
+    tropd::token_batch b = tk.view();
     b.topk_student_tail_log = tropd::view_of(tail_log);
     std::vector<float> dlds(1);
-    host::token_outputs out;
+    tropd::token_outputs out;
     out.dloss_ds = tropd::view_of(dlds);
     double want = 0;
-    const auto st_tok = host::evaluate_tokens(obj, b, {}, out, &want);
+    out.loss = &want;
+    const auto st_tok = host::evaluate_tokens(obj, b, out);
     REQUIRE_MESSAGE(st_tok.ok(), st_tok.message());
     CHECK(std::isfinite(loss));
     CHECK(loss == doctest::Approx(want).epsilon(1e-6));
@@ -620,7 +625,7 @@ TEST_CASE("edges: a student with almost no mass on the teacher's top-k (form C: 
   tk.ids = {10, 11, 12};
   tk.lq = {-0.5f, -1.2f, -2.0f};
   tk.ls = {-1e4f, -1.2e4f, -9e3f};
-  const auto r = run_tokens(tropd::presets::tropd(0, 3), tk);
+  const auto r = run_tokens(tropd::presets::tropd({.beta = 0, .k = 3}), tk);
   REQUIRE_MESSAGE(r.st.ok(), r.st.message());
   // A = -FKL_k ~ -1.05e4 (renormalised qk . (log qk - ls)); L = -rho A = -A; dL/ds = -A.
   const ld SK = std::exp(-0.5L) + std::exp(-1.2L) + std::exp(-2.0L);
@@ -634,7 +639,7 @@ TEST_CASE("edges: a student with almost no mass on the teacher's top-k (form C: 
   CHECK(r.dlds[0] == doctest::Approx(double(fkl)).epsilon(1e-6));
   CHECK(std::isfinite(r.dlds[0]));
   // With the clamp c_max = 5: A = -5, flagged as clipped.
-  const auto rc = run_tokens(tropd::presets::tropd(0, 3, tropd::outliers::fkl_form::c, 5.0), tk);
+  const auto rc = run_tokens(tropd::presets::tropd({.beta = 0, .k = 3, .form = tropd::outliers::fkl_form::c, .clamp = 5.0}), tk);
   REQUIRE(rc.st.ok());
   CHECK(rc.adv[0] == doctest::Approx(-5.0));
   CHECK(rc.loss == doctest::Approx(5.0));
@@ -642,7 +647,7 @@ TEST_CASE("edges: a student with almost no mass on the teacher's top-k (form C: 
   // Even more extreme (log-probs ~ -3e38): the advantage is ~3e38, still finite in the
   // library's double arithmetic and in the fp32 outputs, or reported as an error.
   tk.ls = {-3e38f, -3e38f, -3e38f};
-  const auto rx = run_tokens(tropd::presets::tropd(0, 3), tk);
+  const auto rx = run_tokens(tropd::presets::tropd({.beta = 0, .k = 3}), tk);
   if (rx.st.ok()) {
     CHECK(std::isfinite(rx.loss));
     CHECK(std::isfinite(rx.adv[0]));
@@ -737,7 +742,7 @@ TEST_CASE("edges: fixed issue K4: row gradients that overflow fp32 were written 
   std::vector<double> s_old4(N, -200.0), loss4(N, 12345.0), gs4 = {1.0, 1e20, 1e37, 1.0};
   std::vector<float> grad4(size_t(N * V), 777.f);
   for (const bool fused : {false, true}) {
-    opt.fused = fused;
+    opt.order = fused ? tropd::host::row_order::single_read : tropd::host::row_order::validate_first;
     const auto st2 = host::sampled_rows(est::sampled<est::k2, est::as_loss>{}, tropd::make_matrix<const float>(z4.data(), N, V),
                                         tropd::make_matrix<const float>(u4.data(), N, V), tropd::view_of(id4), tropd::view_of(s_old4),
                                         tropd::view_of(loss4), tropd::make_matrix(grad4.data(), N, V), opt, tropd::view_of(gs4));
@@ -749,7 +754,7 @@ TEST_CASE("edges: fixed issue K4: row gradients that overflow fp32 were written 
   }
   // fp64 gradients of fp64 rows hold it: |grad| ~ 1e39 is finite in double.
   std::vector<double> zd(z4.begin(), z4.end()), ud(u4.begin(), u4.end()), gd(size_t(N * V));
-  opt.fused = false;
+  opt.order = tropd::host::row_order::validate_first;
   const auto st3 = host::sampled_rows(est::sampled<est::k2, est::as_loss>{}, tropd::make_matrix<const double>(zd.data(), N, V),
                                       tropd::make_matrix<const double>(ud.data(), N, V), tropd::view_of(id4), tropd::view_of(s_old4),
                                       tropd::view_of(loss4), tropd::make_matrix(gd.data(), N, V), opt, tropd::view_of(gs4));
@@ -775,7 +780,7 @@ TEST_CASE("edges: fixed issue D2: which row a gradient overflow reports, in both
   auto run = [&](bool fused, int threads, std::vector<float>& g, std::vector<double>& loss) {
     host::row_options opt;
     opt.student_temperature = 0.05;
-    opt.fused = fused;
+    opt.order = fused ? tropd::host::row_order::single_read : tropd::host::row_order::validate_first;
     opt.threads = threads;
     return host::sampled_rows(est::sampled<est::k2, est::as_loss>{}, tropd::make_matrix<const float>(z.data(), N, V),
                               tropd::make_matrix<const float>(u.data(), N, V), tropd::view_of(id), tropd::view_of(s_old),

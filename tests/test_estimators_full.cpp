@@ -343,7 +343,7 @@ TEST_CASE("full-vocab: fused and non-fused orders, one and two threads, give ide
     for (bool fused : {false, true})
       for (int threads : {1, 2, 3}) {
         tropd::host::row_options o;
-        o.fused = fused;
+        o.order = fused ? tropd::host::row_order::single_read : tropd::host::row_order::validate_first;
         o.threads = threads;
         const auto other = run_div<float>(e, zf, uf, rows, V, o, scale);
         CAPTURE(fused);

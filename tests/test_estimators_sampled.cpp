@@ -424,7 +424,7 @@ TEST_CASE("sampled: fused / threads give bit-identical results") {
     for (bool fused : {false, true})
       for (int threads : {1, 2}) {
         tropd::host::row_options opt;
-        opt.fused = fused;
+        opt.order = fused ? tropd::host::row_order::single_read : tropd::host::row_order::validate_first;
         opt.threads = threads;
         const auto o = run_sampled<float>(e, zf, uf, ids, {}, rows, V, opt);
         CHECK(tropd_test::bit_equal(o.loss, base.loss));

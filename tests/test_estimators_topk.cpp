@@ -68,7 +68,7 @@ outputs<G> run_lists(topk_tail tail, const std::vector<TS>& zs, const lists& L, 
   o.loss.assign(static_cast<size_t>(rows), 12345.0);
   o.grad.assign(static_cast<size_t>(rows * V), G(12345));
   tropd::host::topk_lists tl{tropd::make_matrix(L.ids.data(), rows, L.K), tropd::make_matrix(L.lp.data(), rows, L.K)};
-  o.st = tropd::host::topk_forward_kl_rows(tropd::estimators::topk_forward_kl{64, tail}, tropd::make_matrix(zs.data(), rows, V), tl,
+  o.st = tropd::host::topk_forward_kl_rows(tropd::estimators::topk_forward_kl{static_cast<int>(L.K), tail}, tropd::make_matrix(zs.data(), rows, V), tl,
                                            tropd::view_of(o.loss), tropd::make_matrix(o.grad.data(), rows, V), opt);
   return o;
 }
@@ -412,7 +412,7 @@ TEST_CASE("top-k: fused / threads give bit-identical results; grad_scale") {
     for (bool fused : {false, true})
       for (int threads : {1, 2}) {
         tropd::host::row_options opt;
-        opt.fused = fused;
+        opt.order = fused ? tropd::host::row_order::single_read : tropd::host::row_order::validate_first;
         opt.threads = threads;
         const auto a = run_full<float>(16, tail, zf, uf, rows, V, opt);
         const auto b = run_lists<float>(tail, zf, L, rows, V, opt);

@@ -71,8 +71,8 @@ struct tbatch {
     b.off = {0, n / 2, n};
     return b;
   }
-  host::token_batch view() const {
-    host::token_batch v;
+  tropd::token_batch view() const {
+    tropd::token_batch v;
     v.s = {s.data(), n};
     v.s_old = {s_old.data(), n};
     v.t = {t.data(), n};
@@ -93,7 +93,7 @@ struct tbatch {
 struct tout {
   tropd::status st;
   double loss = -777;
-  host::diagnostics d;
+  tropd::diagnostics d;
   std::vector<float> dlds, adv, dtopk;
   std::vector<uint8_t> flags;
 };
@@ -106,7 +106,7 @@ tout run(const Obj& o, const tbatch& b, host::input_policy pol) {
   r.dtopk.assign(size_t(b.n * b.K), 777.f);
   r.flags.assign(size_t(b.n), 0xee);
   r.d.n_masked_input = -1;
-  host::token_outputs out;
+  tropd::token_outputs out;
   out.dloss_ds = tropd::view_of(r.dlds);
   out.advantage = tropd::view_of(r.adv);
   out.dloss_dtopk = tropd::make_matrix(r.dtopk.data(), b.n, b.K);
@@ -115,7 +115,9 @@ tout run(const Obj& o, const tbatch& b, host::input_policy pol) {
   eo.seed = 7;
   eo.step = 3;
   eo.bad_input = pol;
-  r.st = host::evaluate_tokens(o, b.view(), eo, out, &r.loss, &r.d);
+  out.loss = &r.loss;
+  out.diag = &r.d;
+  r.st = host::evaluate_tokens(tropd_test::with_k(o, b.K), b.view(), out, eo);
   return r;
 }
 
@@ -149,7 +151,7 @@ const planted kinds[] = {
     {"s_old = +inf", [](tbatch& b, index_t i) { b.s_old[size_t(i)] = finf; }, errc::non_finite_input, -1},
     {"student entropy NaN", [](tbatch& b, index_t i) { b.hs[size_t(i)] = fnan; }, errc::non_finite_input, -1},
     {"teacher entropy -inf", [](tbatch& b, index_t i) { b.ht[size_t(i)] = -finf; }, errc::non_finite_input, -1},
-    {"rkl +inf", [](tbatch& b, index_t i) { b.rkl[size_t(i)] = finf; }, errc::non_finite_input, -1},
+    {"rkl -inf", [](tbatch& b, index_t i) { b.rkl[size_t(i)] = -finf; }, errc::non_finite_input, -1},
     {"ref NaN", [](tbatch& b, index_t i) { b.ref[size_t(i)] = fnan; }, errc::non_finite_input, -1},
     {"top-k teacher NaN (entry 1)", [](tbatch& b, index_t i) { b.lq[size_t(i * b.K + 1)] = fnan; }, errc::non_finite_input, 1},
     {"top-k student +inf (entry 2)", [](tbatch& b, index_t i) { b.ls[size_t(i * b.K + 2)] = finf; }, errc::non_finite_input, 2},
@@ -216,12 +218,12 @@ void token_policy_suite(const Obj& o, const char* name) {
 
 TEST_CASE("input policy: token level, reject names the first bad token; mask drops exactly the bad tokens") {
   token_policy_suite(tropd::presets::opd(), "opd");
-  token_policy_suite(tropd::presets::tropd(1e-3, 3), "tropd form C");
-  token_policy_suite(tropd::presets::tropd(1e-3, 3, tropd::outliers::fkl_form::p), "tropd form P");
-  token_policy_suite(tropd::presets::eopd(0.8, 3), "eopd");
+  token_policy_suite(tropd::presets::tropd({.beta = 1e-3, .k = 3}), "tropd form C");
+  token_policy_suite(tropd::presets::tropd({.beta = 1e-3, .k = 3, .form = tropd::outliers::fkl_form::p}), "tropd form P");
+  token_policy_suite(tropd::presets::eopd({.tau = 0.8, .k = 3}), "eopd");
   token_policy_suite(tropd::presets::vopd(), "vopd");
   token_policy_suite(tropd::presets::gopd(), "gopd");
-  token_policy_suite(tropd::presets::mask_outlier(-2.0, 1e-3), "mask_outlier");
+  token_policy_suite(tropd::presets::mask_outlier({.tau = -2.0, .guidance_beta = 1e-3}), "mask_outlier");
 }
 
 TEST_CASE("input policy: mask keeps structural errors and infinite terms as errors") {
@@ -254,7 +256,7 @@ TEST_CASE("input policy: ids out of range and malformed top-k lists are errors u
   // docs/robustness.md: ids out of range and malformed lists are always errors. The top-k
   // lists of a token are per-token values at this level, but an id outside [0, V) is not a
   // numerical accident a trainer can drop: it is a bug upstream.
-  const auto o = tropd::presets::tropd(1e-3, 3);
+  const auto o = tropd::presets::tropd({.beta = 1e-3, .k = 3});
   for (int which = 0; which < 2; ++which) {
     CAPTURE(which);
     tbatch b = tbatch::make(9, 10);
@@ -271,15 +273,16 @@ TEST_CASE("input policy: ids out of range and malformed top-k lists are errors u
   // Shape mismatches of the lists are structural: errors under either policy.
   tbatch b = tbatch::make(9, 10);
   for (auto pol : {host::input_policy::reject, host::input_policy::mask}) {
-    host::token_batch v = b.view();
+    tropd::token_batch v = b.view();
     v.topk_teacher.cols = b.K - 1;
     std::vector<float> dl(size_t(b.n));
-    host::token_outputs out;
+    tropd::token_outputs out;
     out.dloss_ds = tropd::view_of(dl);
     host::eval_options eo;
     eo.bad_input = pol;
     double loss = 0;
-    CHECK(host::evaluate_tokens(o, v, eo, out, &loss).code == errc::shape_mismatch);
+    out.loss = &loss;
+    CHECK(host::evaluate_tokens(o, v, out, eo).code == errc::shape_mismatch);
   }
 }
 
@@ -288,17 +291,17 @@ TEST_CASE("input policy: parameters outside their domain are errors under either
   const double nan = std::numeric_limits<double>::quiet_NaN();
   for (auto pol : {host::input_policy::reject, host::input_policy::mask}) {
     CAPTURE(int(pol));
-    CHECK(run(tropd::presets::tropd(1e-3, -1), b, pol).st.code == errc::invalid_parameter);   // k < 1
-    CHECK(run(tropd::presets::tropd(1e-3, 0), b, pol).st.code == errc::invalid_parameter);    // k = 0
-    CHECK(run(tropd::presets::tropd(-1e-3, 3), b, pol).st.code == errc::invalid_parameter);   // beta < 0
-    CHECK(run(tropd::presets::tropd(nan, 3), b, pol).st.code == errc::invalid_parameter);     // beta NaN
-    CHECK(run(tropd::presets::tropd(1e-3, 3, tropd::outliers::fkl_form::c, 0.0), b, pol).st.code == errc::invalid_parameter);  // clamp 0
-    CHECK(run(tropd::presets::tropd(1e-3, 3, tropd::outliers::fkl_form::c, nan), b, pol).st.code == errc::invalid_parameter);
-    CHECK(run(tropd::presets::entropy_opd(1.5), b, pol).st.code == errc::invalid_parameter);  // fraction > 1
-    CHECK(run(tropd::presets::entropy_opd(nan), b, pol).st.code == errc::invalid_parameter);
-    CHECK(run(tropd::presets::gopd(nan), b, pol).st.code == errc::invalid_parameter);
-    CHECK(run(tropd::presets::clip_outlier(nan), b, pol).st.code == errc::invalid_parameter);
-    CHECK(run(tropd::presets::reopold(-3, -1), b, pol).st.code == errc::invalid_parameter);   // switch step < 0
+    CHECK(run(tropd::presets::tropd({.beta = 1e-3, .k = -1}), b, pol).st.code == errc::invalid_parameter);   // k < 1
+    CHECK(run(tropd::presets::tropd({.beta = 1e-3, .k = 0}), b, pol).st.code == errc::invalid_parameter);    // k = 0
+    CHECK(run(tropd::presets::tropd({.beta = -1e-3, .k = 3}), b, pol).st.code == errc::invalid_parameter);   // beta < 0
+    CHECK(run(tropd::presets::tropd({.beta = nan, .k = 3}), b, pol).st.code == errc::invalid_parameter);     // beta NaN
+    CHECK(run(tropd::presets::tropd({.beta = 1e-3, .k = 3, .form = tropd::outliers::fkl_form::c, .clamp = 0.0}), b, pol).st.code == errc::invalid_parameter);  // clamp 0
+    CHECK(run(tropd::presets::tropd({.beta = 1e-3, .k = 3, .form = tropd::outliers::fkl_form::c, .clamp = nan}), b, pol).st.code == errc::invalid_parameter);
+    CHECK(run(tropd::presets::entropy_opd({.fraction = 1.5}), b, pol).st.code == errc::invalid_parameter);  // fraction > 1
+    CHECK(run(tropd::presets::entropy_opd({.fraction = nan}), b, pol).st.code == errc::invalid_parameter);
+    CHECK(run(tropd::presets::gopd({.lambda = nan}), b, pol).st.code == errc::invalid_parameter);
+    CHECK(run(tropd::presets::clip_outlier({.tau = nan}), b, pol).st.code == errc::invalid_parameter);
+    CHECK(run(tropd::presets::reopold({.floor = -3, .switch_step = -1}), b, pol).st.code == errc::invalid_parameter);   // switch step < 0
     auto agg = tropd::presets::opd();
     agg.agg.normaliser = nan;
     CHECK(run(agg, b, pol).st.code == errc::invalid_parameter);
@@ -360,7 +363,7 @@ struct rbatch {
 struct rout {
   tropd::status st;
   double loss = -777;
-  host::diagnostics d;
+  tropd::diagnostics d;
   std::vector<float> grad, dlds;
 };
 
@@ -370,7 +373,7 @@ rout run_rows(const Obj& o, const rbatch& b, host::input_policy pol, int threads
   r.grad.assign(size_t(b.n * b.V), 777.f);
   r.dlds.assign(size_t(b.n), 777.f);
   r.d.n_masked_input = -1;
-  host::row_tokens rt;
+  host::row_inputs rt;
   rt.ids = tropd::view_of(b.y);
   rt.from = tropd::view_of(b.from);
   rt.seq_offsets = tropd::view_of(b.off);
@@ -378,12 +381,14 @@ rout run_rows(const Obj& o, const rbatch& b, host::input_policy pol, int threads
   host::eval_options eo;
   eo.seed = 3;
   eo.bad_input = pol;
-  host::token_outputs tout;
+  tropd::token_outputs tout;
   tout.dloss_ds = tropd::view_of(r.dlds);
-  host::row_options ropt;
-  ropt.threads = threads;
+  eo.threads = threads;
   r.st = host::evaluate_rows(o, tropd::make_matrix<const float>(b.z.data(), b.n, b.V), tropd::make_matrix<const float>(b.u.data(), b.n, b.V),
-                             rt, eo, tropd::make_matrix(r.grad.data(), b.n, b.V), &r.loss, &r.d, tout, ropt);
+                             rt,
+                             host::row_outputs<>{.grad = tropd::make_matrix(r.grad.data(), b.n, b.V), .loss = &r.loss, .diag = &r.d,
+                                                 .dloss_ds = tout.dloss_ds},
+                             eo);
   return r;
 }
 
@@ -444,8 +449,8 @@ TEST_CASE("input policy: row level, reject names the row and column; mask drops 
     }
   };
   check_obj(tropd::presets::opd(), "opd");
-  check_obj(tropd::presets::tropd(1e-3, 4), "tropd");
-  check_obj(tropd::presets::gkd(0.5), "gkd");
+  check_obj(tropd::presets::tropd({.beta = 1e-3, .k = 4}), "tropd");
+  check_obj(tropd::presets::gkd({.beta = 0.5}), "gkd");
 }
 
 TEST_CASE("input policy: row level, ids out of range and mismatched top-k lists are errors under either policy") {
@@ -467,7 +472,7 @@ TEST_CASE("input policy: row level, ids out of range and mismatched top-k lists 
     std::vector<float> lp(size_t(n * 3), -1.5f);
     for (index_t i = 0; i < n; ++i)
       for (index_t k = 0; k < 3; ++k) ids[size_t(i * 3 + k)] = int32_t(k);
-    host::row_tokens rt;
+    host::row_inputs rt;
     rt.ids = tropd::view_of(c.y);
     rt.from = tropd::view_of(c.from);
     rt.seq_offsets = tropd::view_of(c.off);
@@ -476,9 +481,11 @@ TEST_CASE("input policy: row level, ids out of range and mismatched top-k lists 
     std::vector<float> grad(size_t(n * V), 777.f);
     double loss = -777;
     auto call = [&](const host::topk_lists& tl) {
-      return host::evaluate_rows(tropd::presets::tropd(1e-3, 3), tropd::make_matrix<const float>(c.z.data(), n, V),
-                                 tropd::make_matrix<const float>(c.u.data(), n, V), rt, eo, tropd::make_matrix(grad.data(), n, V), &loss,
-                                 nullptr, {}, {}, &tl);
+      host::row_inputs in = rt;
+      in.teacher_topk = tl;
+      return host::evaluate_rows(tropd::presets::tropd({.beta = 1e-3, .k = 3}), tropd::make_matrix<const float>(c.z.data(), n, V),
+                                 tropd::make_matrix<const float>(c.u.data(), n, V), in,
+                                 host::row_outputs<>{.grad = tropd::make_matrix(grad.data(), n, V), .loss = &loss}, eo);
     };
     host::topk_lists bad_shape{tropd::make_matrix<const int32_t>(ids.data(), n, 2, 3), tropd::make_matrix<const float>(lp.data(), n, 3)};
     CHECK(call(bad_shape).code == errc::shape_mismatch);
@@ -512,7 +519,7 @@ TEST_CASE("input policy: D1 (documented): fused order on failure, any thread cou
       std::vector<double> loss(size_t(N), 777.0);
       std::vector<float> grad(size_t(N * V), 777.f);
       host::row_options opt;
-      opt.fused = fused;
+      opt.order = fused ? tropd::host::row_order::single_read : tropd::host::row_order::validate_first;
       opt.threads = threads;
       const auto st = host::divergence_rows(est::forward_kl{}, tropd::make_matrix<const float>(z.data(), N, V),
                                             tropd::make_matrix<const float>(u.data(), N, V), tropd::view_of(loss),

@@ -144,7 +144,7 @@ TEST_CASE("moments selection: divergence_rows equals the compute-everything path
       grad.assign(static_cast<size_t>(c.N * c.V), 0.f);
       sums.assign(with_summaries ? static_cast<size_t>(c.N) : 0, est::row_summary{});
       host::row_options o;
-      o.fused = fused;
+      o.order = fused ? tropd::host::row_order::single_read : tropd::host::row_order::validate_first;
       return host::divergence_rows(e, S, T, tropd::view_of(loss), tropd::make_matrix(grad.data(), c.N, c.V), o, {},
                                    tropd::vector_view<est::row_summary>{sums.data(), static_cast<index_t>(sums.size())});
     };
@@ -200,7 +200,7 @@ TEST_CASE("moments selection: sampled_rows and topk_forward_kl_rows use the comp
   for (index_t r = 0; r < c.N; ++r) ids[static_cast<size_t>(r)] = int32_t((r * 397 + 11) % c.V);
   for (const bool fused : {false, true}) {
     host::row_options o;
-    o.fused = fused;
+    o.order = fused ? tropd::host::row_order::single_read : tropd::host::row_order::validate_first;
     std::vector<double> loss(static_cast<size_t>(c.N));
     std::vector<float> grad(static_cast<size_t>(c.N * c.V));
     const est::sampled<est::k3, est::as_loss> k3{};
@@ -242,7 +242,7 @@ TEST_CASE("moments selection: evaluate_rows gives the same loss and gradient wit
   std::vector<tropd::origin> from(static_cast<size_t>(c.N), tropd::origin::student);
   from[1] = tropd::origin::teacher;
   std::vector<index_t> off{0, 3, c.N};
-  host::row_tokens tok;
+  host::row_inputs tok;
   tok.ids = {ids.data(), c.N};
   tok.from = {from.data(), c.N};
   tok.seq_offsets = {off.data(), 3};
@@ -252,13 +252,14 @@ TEST_CASE("moments selection: evaluate_rows gives the same loss and gradient wit
   // objective reads. Loss and gradient must not differ.
   auto compare = [&](const auto& obj) {
     for (const int threads : {1, 2}) {
-      host::row_options ro;
-      ro.threads = threads;
+      eo.threads = threads;
       std::vector<float> g0(static_cast<size_t>(c.N * c.V)), g1(g0.size());
       double l0 = 0, l1 = 0;
-      host::diagnostics d;
-      const tropd::status a = host::evaluate_rows(obj, S, T, tok, eo, tropd::make_matrix(g0.data(), c.N, c.V), &l0, &d, {}, ro);
-      const tropd::status b = host::evaluate_rows(obj, S, T, tok, eo, tropd::make_matrix(g1.data(), c.N, c.V), &l1, nullptr, {}, ro);
+      tropd::diagnostics d;
+      const tropd::status a =
+          host::evaluate_rows(obj, S, T, tok, host::row_outputs<>{.grad = tropd::make_matrix(g0.data(), c.N, c.V), .loss = &l0, .diag = &d}, eo);
+      const tropd::status b =
+          host::evaluate_rows(obj, S, T, tok, host::row_outputs<>{.grad = tropd::make_matrix(g1.data(), c.N, c.V), .loss = &l1}, eo);
       REQUIRE(a.ok());
       REQUIRE(b.ok());
       CHECK(same_bits(l0, l1));
@@ -280,9 +281,9 @@ TEST_CASE("moments selection: evaluate_rows gives the same loss and gradient wit
   compare(tropd::presets::opd());
   compare(tropd::presets::tropd());
   compare(tropd::presets::eopd());
-  compare(tropd::presets::reopold(-2.0, 0, 0.5));
-  compare(tropd::presets::entropy_opd(0.5));
+  compare(tropd::presets::reopold({.floor = -2.0, .switch_step = 0, .entropy_fraction = 0.5}));
+  compare(tropd::presets::entropy_opd({.fraction = 0.5}));
   compare(tropd::presets::vopd());
-  compare(tropd::presets::gkd(0.5));
-  compare(tropd::presets::gkd(1.0));
+  compare(tropd::presets::gkd({.beta = 0.5}));
+  compare(tropd::presets::gkd({.beta = 1.0}));
 }

@@ -40,7 +40,7 @@ struct entropy_and_ratio_gate {
     if (!(max_entropy >= 0)) return tropd::make_error(tropd::errc::invalid_parameter, "entropy_and_ratio_gate: max_entropy must be >= 0");
     return {};
   }
-  bool trusted(const tropd::regions::token_view& tv, const tropd::regions::batch_context&) const noexcept {
+  bool trusted(const tropd::token& tv, const tropd::regions::batch_context&) const noexcept {
     return tv.ent_s <= max_entropy && tv.R > tau;
   }
 };
@@ -58,7 +58,7 @@ struct ratio_above_batch_median {
     ctx.threshold = r.empty() ? 0.0 : r[r.size() / 2];  // the upper median
     return {};
   }
-  bool trusted(const tropd::regions::token_view& tv, const tropd::regions::batch_context& ctx) const noexcept {
+  bool trusted(const tropd::token& tv, const tropd::regions::batch_context& ctx) const noexcept {
     return tv.R >= ctx.threshold;
   }
 };
@@ -69,13 +69,13 @@ struct scaled_reward {
   static constexpr bool needs_topk = false;
   double alpha = 0.25;
   tropd::status check() const noexcept { return {}; }
-  tropd::outliers::outlier_value operator()(double R, const tropd::outliers::topk_row&, double*) const noexcept {
+  tropd::outliers::outlier_value operator()(const tropd::token& tk, const tropd::topk_row&, double*) const noexcept {
     tropd::outliers::outlier_value v;
-    if (!(R > -std::numeric_limits<double>::infinity())) {
+    if (!(tk.R > -std::numeric_limits<double>::infinity())) {
       v.kept = false;
       return v;
     }
-    v.advantage = alpha * R;
+    v.advantage = alpha * tk.R;
     return v;
   }
 };
@@ -110,8 +110,8 @@ struct batch {
   std::vector<index_t> off;
   bool with_entropy = true;
   index_t n() const { return static_cast<index_t>(s.size()); }
-  tropd::host::token_batch view() const {
-    tropd::host::token_batch b;
+  tropd::token_batch view() const {
+    tropd::token_batch b;
     b.s = tropd::view_of(s);
     b.s_old = tropd::view_of(s_old);
     b.t = tropd::view_of(t);
@@ -146,7 +146,7 @@ batch random_batch(std::mt19937_64& rng, int n_seq, double p_neg_inf) {
 struct outputs {
   tropd::status st;
   double loss = 0;
-  tropd::host::diagnostics d;
+  tropd::diagnostics d;
   std::vector<float> dlds, adv;
   std::vector<uint8_t> flags;
 };
@@ -157,11 +157,13 @@ outputs run(const Obj& o, const batch& b, const tropd::host::eval_options& opt =
   r.dlds.assign(static_cast<size_t>(b.n()), 777.f);
   r.adv.assign(static_cast<size_t>(b.n()), 777.f);
   r.flags.assign(static_cast<size_t>(b.n()), 0xff);
-  tropd::host::token_outputs out;
+  tropd::token_outputs out;
   out.dloss_ds = tropd::view_of(r.dlds);
   out.advantage = tropd::view_of(r.adv);
   out.flags = tropd::view_of(r.flags);
-  r.st = tropd::host::evaluate_tokens(o, b.view(), opt, out, &r.loss, &r.d);
+  out.loss = &r.loss;
+  out.diag = &r.d;
+  r.st = tropd::host::evaluate_tokens(o, b.view(), out, opt);
   return r;
 }
 
@@ -350,7 +352,7 @@ TEST_CASE("objective custom: the custom gate at row level, gradient = w dL/ds (e
   from[0] = tropd::origin::prompt;
   from[5] = tropd::origin::prompt;
   std::vector<index_t> off = {0, 5, 10};
-  tropd::host::row_tokens tok;
+  tropd::host::row_inputs tok;
   tok.ids = tropd::view_of(y);
   tok.from = tropd::view_of(from);
   tok.seq_offsets = tropd::view_of(off);
@@ -360,12 +362,12 @@ TEST_CASE("objective custom: the custom gate at row level, gradient = w dL/ds (e
   o.clip.c = 0.7;
   std::vector<double> grad(static_cast<size_t>(n * V));
   std::vector<uint8_t> fl(static_cast<size_t>(n));
-  tropd::host::token_outputs tout;
+  tropd::token_outputs tout;
   tout.flags = tropd::view_of(fl);
   double loss = 0;
-  const tropd::status st = tropd::host::evaluate_rows(o, tropd::make_matrix<const double>(z.data(), n, V),
-                                                      tropd::make_matrix<const double>(u.data(), n, V), tok, {},
-                                                      tropd::make_matrix(grad.data(), n, V), &loss, nullptr, tout);
+  const tropd::status st = tropd::host::evaluate_rows(
+      o, tropd::make_matrix<const double>(z.data(), n, V), tropd::make_matrix<const double>(u.data(), n, V), tok,
+      tropd::host::row_outputs<double>{.grad = tropd::make_matrix(grad.data(), n, V), .loss = &loss, .flags = tout.flags});
   REQUIRE_MESSAGE(st.ok(), st.message());
   ld want_loss = 0;
   const ld w = 1.0L / 8;  // 8 student rows, token_mean

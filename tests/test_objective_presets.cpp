@@ -17,6 +17,7 @@
 #include <doctest/doctest.h>
 #include <tropd/tropd.hpp>
 
+#include "reference/helpers.hpp"
 #include "reference/naive.hpp"
 #include "reference/naive_objective.hpp"
 
@@ -118,8 +119,8 @@ struct lib_batch {
   std::vector<int32_t> ids;
   bool with_s_old = true, with_ls_old = true;
 
-  tropd::host::token_batch view() const {
-    tropd::host::token_batch b;
+  tropd::token_batch view() const {
+    tropd::token_batch b;
     b.s = {s.data(), n};
     if (with_s_old) b.s_old = {s_old.data(), n};
     b.t = {t.data(), n};
@@ -172,7 +173,7 @@ lib_batch to_lib(const no::batch& b, std::vector<uint64_t> seq_ids = {}) {
 struct lib_out {
   tropd::status st;
   double loss = 0;
-  tropd::host::diagnostics d;
+  tropd::diagnostics d;
   std::vector<float> dlds, adv, dtopk;
   std::vector<uint8_t> flags;
 };
@@ -184,12 +185,14 @@ lib_out run_tokens(const Obj& o, const lib_batch& lb, const tropd::host::eval_op
   r.adv.assign(static_cast<size_t>(lb.n), 777.f);
   r.dtopk.assign(static_cast<size_t>(lb.n * lb.K), 777.f);
   r.flags.assign(static_cast<size_t>(lb.n), 0xff);
-  tropd::host::token_outputs to;
+  tropd::token_outputs to;
   to.dloss_ds = tropd::view_of(r.dlds);
   to.advantage = tropd::view_of(r.adv);
   if (lb.K > 0) to.dloss_dtopk = tropd::make_matrix(r.dtopk.data(), lb.n, lb.K);
   to.flags = tropd::view_of(r.flags);
-  r.st = tropd::host::evaluate_tokens(o, lb.view(), opt, to, &r.loss, &r.d);
+  to.loss = &r.loss;
+  to.diag = &r.d;
+  r.st = tropd::host::evaluate_tokens(tropd_test::with_k(o, lb.K), lb.view(), to, opt);
   return r;
 }
 
@@ -354,12 +357,12 @@ TEST_CASE("objective presets: opd, with and without PPO / dual clipping") {
     rc.eps_low = 0.2L;
     rc.eps_high = 0.28L;
     rc.dual_c = 3;
-    check_preset(presets::opd(c), no::opd(rc), b);
+    check_preset(presets::opd({.clip = c}), no::opd(rc), b);
     c.eps_high = 0.2;
     c.dual_c = 0;
     rc.eps_high = 0.2L;
     rc.dual_c = 0;
-    check_preset(presets::opd(c), no::opd(rc), b);
+    check_preset(presets::opd({.clip = c}), no::opd(rc), b);
   }
 }
 
@@ -414,7 +417,7 @@ TEST_CASE("objective presets: opd with a reward clip (adv_lo) gives a zero-teach
   const no::result want = no::evaluate(no::opd(rc), b);
   REQUIRE_FALSE(want.error);
   CHECK(want.tok[1].adv == -5);
-  const lib_out got = run_tokens(presets::opd(c), to_lib(b));
+  const lib_out got = run_tokens(presets::opd({.clip = c}), to_lib(b));
   // Regression: evaluate_token once tested is_finite(advantage) before obj.clip and
   // returned errc::infinite_divergence here.
   CHECK_MESSAGE(got.st.ok(), got.st.message());
@@ -426,7 +429,7 @@ TEST_CASE("objective presets: eopd (teacher-entropy gate, additive top-k FKL for
   for (int rep = 0; rep < 3; ++rep) {
     const no::batch b = random_batch(rng, {});
     check_preset(presets::eopd(), no::eopd(), b);
-    check_preset(presets::eopd(0.5, 16, 0.1, 0.3), no::eopd(0.5L, 0.1L, 0.3L), b);
+    check_preset(presets::eopd({.tau = 0.5, .k = 16, .eps_low = 0.1, .eps_high = 0.3}), no::eopd(0.5L, 0.1L, 0.3L), b);
   }
 }
 
@@ -439,8 +442,8 @@ TEST_CASE("objective presets: reopold, both phases, and the floor conversions") 
       CAPTURE(step);
       tropd::host::eval_options opt;
       opt.step = step;
-      check_preset(presets::reopold(floor, 10), no::reopold(floor, 10, static_cast<long long>(step)), b, opt);
-      check_preset(presets::reopold(floor, 10, 0.35), no::reopold(floor, 10, static_cast<long long>(step), 0.35L), b, opt);
+      check_preset(presets::reopold({.floor = floor, .switch_step = 10}), no::reopold(floor, 10, static_cast<long long>(step)), b, opt);
+      check_preset(presets::reopold({.floor = floor, .switch_step = 10, .entropy_fraction = 0.35}), no::reopold(floor, 10, static_cast<long long>(step), 0.35L), b, opt);
     }
   }
   // With zero-teacher-mass tokens: dropped in phase I, A = floor when kept in phase II.
@@ -453,7 +456,7 @@ TEST_CASE("objective presets: reopold, both phases, and the floor conversions") 
       CAPTURE(step);
       tropd::host::eval_options opt;
       opt.step = step;
-      check_preset(presets::reopold(floor, 10, 0.5), no::reopold(floor, 10, static_cast<long long>(step), 0.5L), b, opt);
+      check_preset(presets::reopold({.floor = floor, .switch_step = 10, .entropy_fraction = 0.5}), no::reopold(floor, 10, static_cast<long long>(step), 0.5L), b, opt);
     }
     const no::result r = no::evaluate(no::reopold(floor, 10, 30, 0.5L), b);
     for (size_t i = 0; i < b.tok.size(); ++i) kept_zero_mass += r.tok[i].kept && b.tok[i].t == -ldinf;
@@ -489,7 +492,7 @@ TEST_CASE("objective presets: reopold phase II gives a kept zero-teacher-mass to
   REQUIRE_FALSE(want.error);
   CHECK(want.tok[1].trusted);
   CHECK(want.tok[1].adv == floor);
-  const lib_out got = run_tokens(presets::reopold(floor, 10, 0.5), to_lib(b), opt);
+  const lib_out got = run_tokens(presets::reopold({.floor = floor, .switch_step = 10, .entropy_fraction = 0.5}), to_lib(b), opt);
   // Regression: evaluate_token once rejected the non-finite trust advantage
   // (errc::infinite_divergence) before the pg_clip's adv_lo = floor was applied.
   CHECK_MESSAGE(got.st.ok(), got.st.message());
@@ -502,7 +505,7 @@ TEST_CASE("objective presets: entropy_opd keeps the top fraction of student toke
     const no::batch b = random_batch(rng, {});
     for (double f : {0.2, 0.5, 1.0, 0.01}) {
       CAPTURE(f);
-      check_preset(presets::entropy_opd(f), no::entropy_opd(f), b);
+      check_preset(presets::entropy_opd({.fraction = f}), no::entropy_opd(f), b);
     }
   }
   // f n an exact integer in real arithmetic but not in floating point: 0.2 * 10 keeps 2.
@@ -518,10 +521,10 @@ TEST_CASE("objective presets: entropy_opd keeps the top fraction of student toke
     x.ref = 0;
     b.tok.push_back(x);
   }
-  const lib_out got = run_tokens(presets::entropy_opd(0.2), to_lib(b));
+  const lib_out got = run_tokens(presets::entropy_opd({.fraction = 0.2}), to_lib(b));
   REQUIRE(got.st.ok());
   CHECK(got.d.n_trusted == 2);
-  check_preset(presets::entropy_opd(0.2), no::entropy_opd(0.2L), b);
+  check_preset(presets::entropy_opd({.fraction = 0.2}), no::entropy_opd(0.2L), b);
 }
 
 TEST_CASE("objective presets: clip_outlier and mask_outlier, with -inf teacher log-probs and guidance") {
@@ -532,10 +535,10 @@ TEST_CASE("objective presets: clip_outlier and mask_outlier, with -inf teacher l
     const no::batch b = random_batch(rng, g);
     for (double tau : {-1.5, -0.3}) {
       CAPTURE(tau);
-      check_preset(presets::clip_outlier(tau), no::clip_outlier(tau), b);
-      check_preset(presets::mask_outlier(tau), no::mask_outlier(tau), b);
-      check_preset(presets::clip_outlier(tau, 0.01), no::clip_outlier(tau, 0.01L), b);
-      check_preset(presets::mask_outlier(tau, 0.01), no::mask_outlier(tau, 0.01L), b);
+      check_preset(presets::clip_outlier({.tau = tau}), no::clip_outlier(tau), b);
+      check_preset(presets::mask_outlier({.tau = tau}), no::mask_outlier(tau), b);
+      check_preset(presets::clip_outlier({.tau = tau, .guidance_beta = 0.01}), no::clip_outlier(tau, 0.01L), b);
+      check_preset(presets::mask_outlier({.tau = tau, .guidance_beta = 0.01}), no::mask_outlier(tau, 0.01L), b);
     }
   }
 }
@@ -551,23 +554,23 @@ TEST_CASE("objective presets: fkl_outlier, form C and form P, with and without t
     opt.step = 3;
     const std::vector<uint64_t> ids = {11, 12, 13, 14, 15, 16, 17};
     using tropd::outliers::fkl_form;
-    check_preset(presets::fkl_outlier(64, fkl_form::c), no::fkl_outlier(true), b, opt, true, ids);
-    check_preset(presets::fkl_outlier(64, fkl_form::p), no::fkl_outlier(false), b, opt, true, ids);
-    check_preset(presets::fkl_outlier(64, fkl_form::c, 0.4), no::fkl_outlier(true, 0.4L), b, opt, true, ids);
-    check_preset(presets::fkl_outlier(64, fkl_form::p, 0.4), no::fkl_outlier(false, 0.4L), b, opt, true);
+    check_preset(presets::fkl_outlier({.k = 64, .form = fkl_form::c}), no::fkl_outlier(true), b, opt, true, ids);
+    check_preset(presets::fkl_outlier({.k = 64, .form = fkl_form::p}), no::fkl_outlier(false), b, opt, true, ids);
+    check_preset(presets::fkl_outlier({.k = 64, .form = fkl_form::c, .clamp = 0.4}), no::fkl_outlier(true, 0.4L), b, opt, true, ids);
+    check_preset(presets::fkl_outlier({.k = 64, .form = fkl_form::p, .clamp = 0.4}), no::fkl_outlier(false, 0.4L), b, opt, true);
     // The outlier term's weight (form C: scales the clamped advantage; form P: the loss).
     for (bool form_c : {true, false}) {
-      auto wo = presets::fkl_outlier(64, form_c ? fkl_form::c : fkl_form::p, 0.4);
+      auto wo = presets::fkl_outlier({.k = 64, .form = form_c ? fkl_form::c : fkl_form::p, .clamp = 0.4});
       wo.outlier.weight = 0.3;
       no::objective rw = no::fkl_outlier(form_c, 0.4L);
       rw.fkl_weight = 0.3L;
       check_preset(wo, rw, b, opt, true, ids);
     }
     // Raw teacher top-k (S_K < 1 here) instead of the renormalised default.
-    auto raw_c = presets::fkl_outlier(64, fkl_form::c);
+    auto raw_c = presets::fkl_outlier({.k = 64, .form = fkl_form::c});
     raw_c.outlier.fkl.tail = tropd::estimators::topk_tail::raw;
     check_preset(raw_c, no::fkl_outlier(true, ldinf, no::tail::raw), b, opt, true);
-    auto raw_p = presets::fkl_outlier(64, fkl_form::p);
+    auto raw_p = presets::fkl_outlier({.k = 64, .form = fkl_form::p});
     raw_p.outlier.fkl.tail = tropd::estimators::topk_tail::raw;
     check_preset(raw_p, no::fkl_outlier(false, ldinf, no::tail::raw), b, opt, true);
     // Without rollout-time top-k log-probs form C uses the current ones.
@@ -620,9 +623,9 @@ TEST_CASE("objective presets: tropd (guidance beta, SFT and PG forms; form C and
     opt.step = static_cast<uint64_t>(rep);
     using tropd::outliers::fkl_form;
     check_preset(presets::tropd(), no::tropd(), b, opt, true);
-    check_preset(presets::tropd(0.05, 64, fkl_form::p), no::tropd(0.05L, false), b, opt, true);
-    check_preset(presets::tropd(0.05, 64, fkl_form::c, 1.0), no::tropd(0.05L, true, 1.0L), b, opt, true);
-    auto pg = presets::tropd(0.05);
+    check_preset(presets::tropd({.beta = 0.05, .k = 64, .form = fkl_form::p}), no::tropd(0.05L, false), b, opt, true);
+    check_preset(presets::tropd({.beta = 0.05, .k = 64, .form = fkl_form::c, .clamp = 1.0}), no::tropd(0.05L, true, 1.0L), b, opt, true);
+    auto pg = presets::tropd({.beta = 0.05});
     pg.guidance = tropd::guidance_form::pg;
     no::objective rpg = no::tropd(0.05L);
     rpg.guidance_pg = true;
@@ -636,8 +639,8 @@ TEST_CASE("objective presets: vopd and gopd") {
     const no::batch b = random_batch(rng, {});
     check_preset(presets::vopd(), no::vopd(), b);
     check_preset(presets::gopd(), no::gopd(), b);
-    check_preset(presets::gopd(2.0), no::gopd(2.0L), b);
-    check_preset(presets::gopd(1.0), no::opd(), b);  // lambda = 1 is OPD
+    check_preset(presets::gopd({.lambda = 2.0}), no::gopd(2.0L), b);
+    check_preset(presets::gopd({.lambda = 1.0}), no::opd(), b);  // lambda = 1 is OPD
   }
 }
 
@@ -736,10 +739,10 @@ TEST_CASE("objective aggregation: two micro-batches with the global normaliser e
   opt.step = 4;
   for (mode how : {mode::token_mean, mode::kept_token_mean, mode::seq_mean_token_mean, mode::seq_mean_token_sum,
                    mode::sum_over_constant}) {
-    check_split(presets::tropd(0.01), no::tropd(0.01L), b, how, opt);
-    check_split(presets::tropd(0.01, 64, tropd::outliers::fkl_form::p), no::tropd(0.01L, false), b, how, opt);
-    check_split(presets::mask_outlier(-1.0, 0.02), no::mask_outlier(-1.0L, 0.02L), b, how, opt);
-    check_split(presets::clip_outlier(-1.0), no::clip_outlier(-1.0L), b, how, opt);
+    check_split(presets::tropd({.beta = 0.01}), no::tropd(0.01L), b, how, opt);
+    check_split(presets::tropd({.beta = 0.01, .k = 64, .form = tropd::outliers::fkl_form::p}), no::tropd(0.01L, false), b, how, opt);
+    check_split(presets::mask_outlier({.tau = -1.0, .guidance_beta = 0.02}), no::mask_outlier(-1.0L, 0.02L), b, how, opt);
+    check_split(presets::clip_outlier({.tau = -1.0}), no::clip_outlier(-1.0L), b, how, opt);
   }
 }
 
@@ -759,7 +762,7 @@ TEST_CASE("objective aggregation: each mode's weights on a hand-made batch") {
   b.tok = {tok(no::who::prompt, 0), tok(no::who::student, -0.5L), tok(no::who::student, -2), tok(no::who::teacher, 0),
            tok(no::who::student, -0.5L), tok(no::who::student, -0.25L), tok(no::who::student, -3)};
   const lib_batch lb = to_lib(b);
-  auto o = presets::mask_outlier(-1.0);
+  auto o = presets::mask_outlier({.tau = -1.0});
   // Closed forms: loss_i = -R_i for kept tokens (rho = 1), 0 otherwise.
   //   counted = {1, 2, 4, 5, 6} (5), kept = {1, 4, 5} (3), sequences 2.
   const ld sum = 0.5L + 0.5L + 0.25L;
@@ -786,7 +789,7 @@ TEST_CASE("objective aggregation: each mode's weights on a hand-made batch") {
     CHECK(got.dlds[3] == 0.f);
   }
   // An empty denominator: nothing kept gives loss 0, not NaN.
-  auto none = presets::mask_outlier(10.0);
+  auto none = presets::mask_outlier({.tau = 10.0});
   none.agg.how = mode::kept_token_mean;
   const lib_out got = run_tokens(none, lb);
   REQUIRE(got.st.ok());
@@ -862,7 +865,7 @@ row_batch random_rows(std::mt19937_64& rng, index_t V, int n_seq, double zero_ma
 struct row_out {
   tropd::status st;
   double loss = 0;
-  tropd::host::diagnostics d;
+  tropd::diagnostics d;
   std::vector<double> grad;
   std::vector<float> dlds, dtopk;
   std::vector<uint8_t> flags;
@@ -877,7 +880,7 @@ row_out run_rows(const Obj& o, const row_batch& rb, index_t K, const tropd::host
   r.dlds.assign(static_cast<size_t>(rb.n), 777.f);
   r.dtopk.assign(static_cast<size_t>(rb.n * K), 777.f);
   r.flags.assign(static_cast<size_t>(rb.n), 0xff);
-  tropd::host::row_tokens tok;
+  tropd::host::row_inputs tok;
   tok.ids = {rb.y.data(), rb.n};
   tok.from = {rb.from.data(), rb.n};
   tok.seq_offsets = {rb.off.data(), static_cast<index_t>(rb.off.size())};
@@ -885,17 +888,21 @@ row_out run_rows(const Obj& o, const row_batch& rb, index_t K, const tropd::host
   if (!rb.s_old.empty()) tok.s_old = {rb.s_old.data(), rb.n};
   tok.ref = {rb.ref.data(), rb.n};
   if (!topk_old.empty()) tok.topk_student_old = tropd::make_matrix<const float>(topk_old.data(), rb.n, K);
-  tropd::host::token_outputs tout;
+  tropd::token_outputs tout;
   tout.dloss_ds = tropd::view_of(r.dlds);
   if (K > 0) tout.dloss_dtopk = tropd::make_matrix(r.dtopk.data(), rb.n, K);
   tout.flags = tropd::view_of(r.flags);
-  tropd::host::row_options ropt;
-  ropt.threads = threads;
-  ropt.student_temperature = ts;
-  ropt.teacher_temperature = tt;
+  tok.student_temperature = ts;
+  tok.teacher_temperature = tt;
+  if (lists) tok.teacher_topk = *lists;
+  tropd::host::eval_options eo = opt;
+  eo.threads = threads;
   r.st = tropd::host::evaluate_rows(o, tropd::make_matrix<const double>(rb.z.data(), rb.n, rb.V),
-                                    tropd::make_matrix<const double>(rb.u.data(), rb.n, rb.V), tok, opt,
-                                    tropd::make_matrix(r.grad.data(), rb.n, rb.V), &r.loss, &r.d, tout, ropt, lists);
+                                    tropd::make_matrix<const double>(rb.u.data(), rb.n, rb.V), tok,
+                                    tropd::host::row_outputs<double>{.grad = tropd::make_matrix(r.grad.data(), rb.n, rb.V), .loss = &r.loss,
+                                                                     .diag = &r.d, .dloss_ds = tout.dloss_ds,
+                                                                     .dloss_dtopk = tout.dloss_dtopk, .flags = tout.flags},
+                                    eo);
   return r;
 }
 
@@ -975,7 +982,6 @@ void check_token_vs_row(const Obj& o, const row_batch& rb, index_t K, const trop
     no::token x = no::token_from_row(rb.zrow(r), rb.urow(r), rb.y[static_cast<size_t>(r)], rb.who[static_cast<size_t>(r)],
                                      static_cast<int>(K), rb.s_old.empty() ? no::nan_ld : ld(rb.s_old[static_cast<size_t>(r)]));
     x.ref = rb.ref[static_cast<size_t>(r)];
-    x.rkl = std::min<ld>(x.rkl, 1e30L);  // the row path's cap of an infinite reverse KL
     b.tok.push_back(x);
   }
   lib_batch lb = to_lib(b, rb.seq_ids);
@@ -1016,18 +1022,18 @@ TEST_CASE("objective rows: token level chained through log_softmax equals row le
     c.eps_low = 0.2;
     c.eps_high = 0.28;
     c.dual_c = 3;
-    check_token_vs_row(presets::opd(c), finite, 0, opt);
-    check_token_vs_row(presets::eopd(0.8, static_cast<int>(K)), finite, K, opt);
-    check_token_vs_row(presets::reopold(-1.0, 5), finite, 0, opt);
+    check_token_vs_row(presets::opd({.clip = c}), finite, 0, opt);
+    check_token_vs_row(presets::eopd({.tau = 0.8, .k = static_cast<int>(K)}), finite, K, opt);
+    check_token_vs_row(presets::reopold({.floor = -1.0, .switch_step = 5}), finite, 0, opt);
     check_token_vs_row(presets::entropy_opd(), finite, 0, opt);
     check_token_vs_row(presets::vopd(), finite, 0, opt);
     check_token_vs_row(presets::gopd(), finite, 0, opt);
-    check_token_vs_row(presets::clip_outlier(-1.0, 0.01), zeros, 0, opt);
-    check_token_vs_row(presets::mask_outlier(-1.0, 0.01), zeros, 0, opt);
-    check_token_vs_row(presets::fkl_outlier(static_cast<int>(K), fkl_form::c), zeros, K, opt);
-    check_token_vs_row(presets::fkl_outlier(static_cast<int>(K), fkl_form::p), zeros, K, opt);
-    check_token_vs_row(presets::tropd(0.01, static_cast<int>(K)), zeros, K, opt);
-    check_token_vs_row(presets::tropd(0.01, static_cast<int>(K), fkl_form::p), zeros, K, opt);
+    check_token_vs_row(presets::clip_outlier({.tau = -1.0, .guidance_beta = 0.01}), zeros, 0, opt);
+    check_token_vs_row(presets::mask_outlier({.tau = -1.0, .guidance_beta = 0.01}), zeros, 0, opt);
+    check_token_vs_row(presets::fkl_outlier({.k = static_cast<int>(K), .form = fkl_form::c}), zeros, K, opt);
+    check_token_vs_row(presets::fkl_outlier({.k = static_cast<int>(K), .form = fkl_form::p}), zeros, K, opt);
+    check_token_vs_row(presets::tropd({.beta = 0.01, .k = static_cast<int>(K)}), zeros, K, opt);
+    check_token_vs_row(presets::tropd({.beta = 0.01, .k = static_cast<int>(K), .form = fkl_form::p}), zeros, K, opt);
   }
 }
 
@@ -1056,21 +1062,21 @@ TEST_CASE("objective rows: row level against the naive row-level reference, ever
       const vec ls = naive::log_softmax(finite.zrow(r));
       finite.s_old.push_back(std::min(-1e-4f, fl_of(double(ls[static_cast<size_t>(finite.y[static_cast<size_t>(r)])]) + N(rng))));
     }
-    check_rows_vs_reference(presets::opd(c), no::opd(rc), finite, 0, opt);
-    check_rows_vs_reference(presets::eopd(0.8, static_cast<int>(K)), no::eopd(), finite, K, opt);
-    check_rows_vs_reference(presets::reopold(-1.0, 5), no::reopold(-1.0L, 5, 0), finite, 0, opt);
+    check_rows_vs_reference(presets::opd({.clip = c}), no::opd(rc), finite, 0, opt);
+    check_rows_vs_reference(presets::eopd({.tau = 0.8, .k = static_cast<int>(K)}), no::eopd(), finite, K, opt);
+    check_rows_vs_reference(presets::reopold({.floor = -1.0, .switch_step = 5}), no::reopold(-1.0L, 5, 0), finite, 0, opt);
     tropd::host::eval_options late = opt;
     late.step = 7;
-    check_rows_vs_reference(presets::reopold(-1.0, 5), no::reopold(-1.0L, 5, 7), finite, 0, late);
+    check_rows_vs_reference(presets::reopold({.floor = -1.0, .switch_step = 5}), no::reopold(-1.0L, 5, 7), finite, 0, late);
     check_rows_vs_reference(presets::entropy_opd(), no::entropy_opd(), finite, 0, opt);
     check_rows_vs_reference(presets::vopd(), no::vopd(), finite, 0, opt);
     check_rows_vs_reference(presets::gopd(), no::gopd(), finite, 0, opt);
-    check_rows_vs_reference(presets::clip_outlier(-1.0, 0.01), no::clip_outlier(-1.0L, 0.01L), zeros, 0, opt);
-    check_rows_vs_reference(presets::mask_outlier(-1.0, 0.01), no::mask_outlier(-1.0L, 0.01L), zeros, 0, opt);
-    check_rows_vs_reference(presets::fkl_outlier(static_cast<int>(K), fkl_form::c), no::fkl_outlier(true), zeros, K, opt);
-    check_rows_vs_reference(presets::fkl_outlier(static_cast<int>(K), fkl_form::p), no::fkl_outlier(false), zeros, K, opt);
-    check_rows_vs_reference(presets::tropd(0.01, static_cast<int>(K)), no::tropd(0.01L), zeros, K, opt);
-    check_rows_vs_reference(presets::tropd(0.01, static_cast<int>(K), fkl_form::p), no::tropd(0.01L, false), zeros, K, opt);
+    check_rows_vs_reference(presets::clip_outlier({.tau = -1.0, .guidance_beta = 0.01}), no::clip_outlier(-1.0L, 0.01L), zeros, 0, opt);
+    check_rows_vs_reference(presets::mask_outlier({.tau = -1.0, .guidance_beta = 0.01}), no::mask_outlier(-1.0L, 0.01L), zeros, 0, opt);
+    check_rows_vs_reference(presets::fkl_outlier({.k = static_cast<int>(K), .form = fkl_form::c}), no::fkl_outlier(true), zeros, K, opt);
+    check_rows_vs_reference(presets::fkl_outlier({.k = static_cast<int>(K), .form = fkl_form::p}), no::fkl_outlier(false), zeros, K, opt);
+    check_rows_vs_reference(presets::tropd({.beta = 0.01, .k = static_cast<int>(K)}), no::tropd(0.01L), zeros, K, opt);
+    check_rows_vs_reference(presets::tropd({.beta = 0.01, .k = static_cast<int>(K), .form = fkl_form::p}), no::tropd(0.01L, false), zeros, K, opt);
   }
 }
 
@@ -1080,7 +1086,7 @@ TEST_CASE("objective rows: gkd (full-vocabulary JSD) against naive::jsd, every b
   for (double beta : {0.0, 0.1, 0.5, 0.9, 1.0}) {
     CAPTURE(beta);
     for (mode how : {mode::token_mean, mode::seq_mean_token_mean, mode::sum_over_constant}) {
-      auto o = presets::gkd(beta);
+      auto o = presets::gkd({.beta = beta});
       o.agg.how = how;
       o.agg.constant = 7.5;
       o.dense_weight = 0.7;
@@ -1096,7 +1102,7 @@ TEST_CASE("objective rows: gkd (full-vocabulary JSD) against naive::jsd, every b
     }
   }
   // With guidance on top: the SFT term on teacher-prefix rows adds to the dense term.
-  auto o = presets::gkd(0.5);
+  auto o = presets::gkd({.beta = 0.5});
   o.guidance_beta = 0.1;
   no::objective ro = no::gkd(0.5L);
   ro.guidance_beta = 0.1L;
@@ -1169,8 +1175,8 @@ TEST_CASE("objective rows: rollout-time top-k log-probs (form C) are read in the
   row_batch old = rb;
   for (double& z : old.z) z += N(rng);
   const std::vector<float> topk_old = freeze_topk_old(old, K);
-  check_rows_vs_reference(presets::tropd(0.05, static_cast<int>(K)), no::tropd(0.05L), rb, K, opt, topk_old);
-  check_rows_vs_reference(presets::fkl_outlier(static_cast<int>(K), tropd::outliers::fkl_form::c, 0.3),
+  check_rows_vs_reference(presets::tropd({.beta = 0.05, .k = static_cast<int>(K)}), no::tropd(0.05L), rb, K, opt, topk_old);
+  check_rows_vs_reference(presets::fkl_outlier({.k = static_cast<int>(K), .form = tropd::outliers::fkl_form::c, .clamp = 0.3}),
                           no::fkl_outlier(true, 0.3L), rb, K, opt, topk_old);
 }
 
@@ -1185,16 +1191,16 @@ TEST_CASE("objective rows: gradients match finite differences of the row-level l
   freeze_s_old(finite);
   freeze_s_old(zeros);
   SUBCASE("opd") { check_rows_fd(presets::opd(), finite, 0, opt); }
-  SUBCASE("mask_outlier with guidance") { check_rows_fd(presets::mask_outlier(-1.0, 0.05), zeros, 0, opt); }
-  SUBCASE("clip_outlier") { check_rows_fd(presets::clip_outlier(-1.0), zeros, 0, opt); }
+  SUBCASE("mask_outlier with guidance") { check_rows_fd(presets::mask_outlier({.tau = -1.0, .guidance_beta = 0.05}), zeros, 0, opt); }
+  SUBCASE("clip_outlier") { check_rows_fd(presets::clip_outlier({.tau = -1.0}), zeros, 0, opt); }
   SUBCASE("fkl form P (stochastic region, fixed by s_old)") {
-    check_rows_fd(presets::fkl_outlier(static_cast<int>(K), fkl_form::p), zeros, K, opt);
+    check_rows_fd(presets::fkl_outlier({.k = static_cast<int>(K), .form = fkl_form::p}), zeros, K, opt);
   }
   SUBCASE("tropd form C with rollout-time top-k log-probs") {
-    check_rows_fd(presets::tropd(0.05, static_cast<int>(K)), zeros, K, opt, freeze_topk_old(zeros, K));
+    check_rows_fd(presets::tropd({.beta = 0.05, .k = static_cast<int>(K)}), zeros, K, opt, freeze_topk_old(zeros, K));
   }
-  SUBCASE("eopd") { check_rows_fd(presets::eopd(0.8, static_cast<int>(K)), finite, K, opt); }
-  SUBCASE("gkd") { check_rows_fd(presets::gkd(0.3), finite, 0, opt); }
+  SUBCASE("eopd") { check_rows_fd(presets::eopd({.tau = 0.8, .k = static_cast<int>(K)}), finite, K, opt); }
+  SUBCASE("gkd") { check_rows_fd(presets::gkd({.beta = 0.3}), finite, 0, opt); }
 }
 
 TEST_CASE("objective rows: diagnostics at row level (entropies, reverse KL, top-k masses)") {
@@ -1203,7 +1209,7 @@ TEST_CASE("objective rows: diagnostics at row level (entropies, reverse KL, top-
   const row_batch rb = random_rows(rng, V, 4, 0.25);
   tropd::host::eval_options opt;
   opt.seed = 3;
-  const row_out got = run_rows(presets::tropd(0.01, static_cast<int>(K)), rb, K, opt);
+  const row_out got = run_rows(presets::tropd({.beta = 0.01, .k = static_cast<int>(K)}), rb, K, opt);
   REQUIRE(got.st.ok());
   ld ns = 0, hs = 0, ht = 0, tv = 0, nzero = 0, sk = 0, pk = 0, ntk = 0;
   for (index_t r = 0; r < rb.n; ++r) {
@@ -1244,10 +1250,10 @@ TEST_CASE("objective rows: student and teacher temperatures") {
     CAPTURE(ts);
     CAPTURE(tt);
     check_rows_vs_reference(presets::opd(), no::opd(), finite, 0, opt, {}, ts, tt);
-    check_rows_vs_reference(presets::entropy_opd(0.4), no::entropy_opd(0.4L), finite, 0, opt, {}, ts, tt);
-    check_rows_vs_reference(presets::tropd(0.02, static_cast<int>(K)), no::tropd(0.02L), zeros, K, opt, {}, ts, tt);
-    check_rows_vs_reference(presets::tropd(0.02, static_cast<int>(K), fkl_form::p), no::tropd(0.02L, false), zeros, K, opt, {}, ts, tt);
-    check_rows_vs_reference(presets::gkd(0.5), no::gkd(0.5L), finite, 0, opt, {}, ts, tt);
+    check_rows_vs_reference(presets::entropy_opd({.fraction = 0.4}), no::entropy_opd(0.4L), finite, 0, opt, {}, ts, tt);
+    check_rows_vs_reference(presets::tropd({.beta = 0.02, .k = static_cast<int>(K)}), no::tropd(0.02L), zeros, K, opt, {}, ts, tt);
+    check_rows_vs_reference(presets::tropd({.beta = 0.02, .k = static_cast<int>(K), .form = fkl_form::p}), no::tropd(0.02L, false), zeros, K, opt, {}, ts, tt);
+    check_rows_vs_reference(presets::gkd({.beta = 0.5}), no::gkd(0.5L), finite, 0, opt, {}, ts, tt);
   }
 }
 
@@ -1265,7 +1271,6 @@ TEST_CASE("objective rows: given teacher top-k lists (shuffled, padded) equal to
   b.offsets = rb.offsets;
   for (index_t r = 0; r < rb.n; ++r) {
     no::token x = no::token_from_row(rb.zrow(r), rb.urow(r), rb.y[static_cast<size_t>(r)], rb.who[static_cast<size_t>(r)], 6);
-    x.rkl = std::min<ld>(x.rkl, 1e30L);
     x.ref = rb.ref[static_cast<size_t>(r)];
     x.ids.push_back(-1);
     x.lq.push_back(-ldinf);
@@ -1289,7 +1294,8 @@ TEST_CASE("objective rows: given teacher top-k lists (shuffled, padded) equal to
   lists.logprobs = tropd::make_matrix<const float>(lp.data(), rb.n, K);
   for (bool form_c : {true, false}) {
     CAPTURE(form_c);
-    const auto o = presets::tropd(0.01, 64, form_c ? fkl_form::c : fkl_form::p);  // k = 64 is ignored with lists
+    // The preset's k must be the lists' width (a mismatch is an error, tested in test_bad_input).
+    const auto o = presets::tropd({.beta = 0.01, .k = static_cast<int>(K), .form = form_c ? fkl_form::c : fkl_form::p});
     const row_out rows = run_rows(o, rb, K, opt, {}, 1, 1, 1, &lists);
     REQUIRE_MESSAGE(rows.st.ok(), rows.st.message());
     lib_batch lb = to_lib(b, rb.seq_ids);
@@ -1341,10 +1347,10 @@ TEST_CASE("objective rows: top-k selection edge cases (ties at the k-th place, f
       CAPTURE(K);
       // Row level uses min(k, V) top-k columns (k > V: the whole vocabulary, no padding).
       const index_t Kw = std::min(K, V);
-      check_token_vs_row(presets::tropd(0.01, static_cast<int>(K)), rb, Kw, opt);
-      check_token_vs_row(presets::tropd(0.01, static_cast<int>(K), fkl_form::p), rb, Kw, opt);
-      check_rows_vs_reference(presets::tropd(0.01, static_cast<int>(K), fkl_form::p), no::tropd(0.01L, false), rb, Kw, opt);
-      check_rows_vs_reference(presets::tropd(0.01, static_cast<int>(K)), no::tropd(0.01L), rb, Kw, opt);
+      check_token_vs_row(presets::tropd({.beta = 0.01, .k = static_cast<int>(K)}), rb, Kw, opt);
+      check_token_vs_row(presets::tropd({.beta = 0.01, .k = static_cast<int>(K), .form = fkl_form::p}), rb, Kw, opt);
+      check_rows_vs_reference(presets::tropd({.beta = 0.01, .k = static_cast<int>(K), .form = fkl_form::p}), no::tropd(0.01L, false), rb, Kw, opt);
+      check_rows_vs_reference(presets::tropd({.beta = 0.01, .k = static_cast<int>(K)}), no::tropd(0.01L), rb, Kw, opt);
     }
   }
 }

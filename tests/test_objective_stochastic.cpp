@@ -33,6 +33,7 @@
 #include <doctest/doctest.h>
 #include <tropd/tropd.hpp>
 
+#include "reference/helpers.hpp"
 #include "reference/naive.hpp"
 #include "reference/naive_objective.hpp"
 
@@ -50,7 +51,7 @@ constexpr float finf = std::numeric_limits<float>::infinity();
 struct no_trust_term {
   static constexpr bool needs_rkl = false, needs_ref = false;
   tropd::status check() const noexcept { return {}; }
-  tropd::estimators::trust_value operator()(const tropd::estimators::token_terms&) const noexcept {
+  tropd::estimators::trust_value operator()(const tropd::token&) const noexcept {
     return tropd::estimators::trust_value{false, 0, 0, 0};
   }
 };
@@ -141,7 +142,7 @@ mc_result run_mc(const Obj& o, const std::vector<int>& ids, int chunks, int per_
         ks[static_cast<size_t>(i * K + k)] = lp[id];
       }
     }
-    tropd::host::token_batch b;
+    tropd::token_batch b;
     b.s = tropd::view_of(s);
     b.t = tropd::view_of(t);
     b.from = tropd::view_of(from);
@@ -154,7 +155,7 @@ mc_result run_mc(const Obj& o, const std::vector<int>& ids, int chunks, int per_
     }
     std::vector<float> dlds(static_cast<size_t>(n)), dtopk(static_cast<size_t>(n * std::max<index_t>(K, 1)));
     std::vector<uint8_t> flags(static_cast<size_t>(n));
-    tropd::host::token_outputs out;
+    tropd::token_outputs out;
     out.dloss_ds = tropd::view_of(dlds);
     if (K > 0) out.dloss_dtopk = tropd::make_matrix(dtopk.data(), n, K);
     out.flags = tropd::view_of(flags);
@@ -162,8 +163,10 @@ mc_result run_mc(const Obj& o, const std::vector<int>& ids, int chunks, int per_
     opt.seed = seed0 + static_cast<uint64_t>(c);
     opt.step = 3 * static_cast<uint64_t>(c) + 1;
     double loss = 0;
-    tropd::host::diagnostics d;
-    const tropd::status st = tropd::host::evaluate_tokens(o, b, opt, out, &loss, &d);
+    tropd::diagnostics d;
+    out.loss = &loss;
+    out.diag = &d;
+    const tropd::status st = tropd::host::evaluate_tokens(tropd_test::with_k(o, K), b, out, opt);
     REQUIRE_MESSAGE(st.ok(), st.message());
     tv_sum += d.tv_estimate;
     vec g(V);
@@ -327,8 +330,8 @@ struct flat_batch {
   std::vector<tropd::origin> from;
   std::vector<index_t> off;
   std::vector<uint64_t> seq_ids;
-  tropd::host::token_batch view() const {
-    tropd::host::token_batch b;
+  tropd::token_batch view() const {
+    tropd::token_batch b;
     b.s = tropd::view_of(s);
     b.t = tropd::view_of(t);
     b.from = tropd::view_of(from);
@@ -399,15 +402,16 @@ TEST_CASE("objective stochastic: R >= 0 is always trusted, R = -inf never, for a
   flat_batch g = make_flat({-finf, -finf}, 2);
   std::vector<int32_t> ids = {0, 1, 0, 1};
   std::vector<float> lq = {-0.5f, -1.0f, -0.5f, -1.0f}, ls = {-1.0f, -2.0f, -1.0f, -2.0f};
-  tropd::host::token_batch b = g.view();
+  tropd::token_batch b = g.view();
   b.topk_ids = tropd::make_matrix<const int32_t>(ids.data(), 2, 2);
   b.topk_teacher = tropd::make_matrix<const float>(lq.data(), 2, 2);
   b.topk_student = tropd::make_matrix<const float>(ls.data(), 2, 2);
   std::vector<uint8_t> fl(2);
-  tropd::host::token_outputs out;
+  tropd::token_outputs out;
   out.flags = tropd::view_of(fl);
   double loss = 0;
-  REQUIRE(tropd::host::evaluate_tokens(tropd::presets::tropd(), b, {}, out, &loss).ok());
+  out.loss = &loss;
+  REQUIRE(tropd::host::evaluate_tokens(tropd::presets::tropd({.k = 2}), b, out).ok());
   CHECK((fl[0] & tropd::flags::outlier) != 0);
   CHECK((fl[1] & tropd::flags::outlier) != 0);
   CHECK(std::isfinite(loss));
@@ -469,7 +473,7 @@ TEST_CASE("objective stochastic: row level, 1 vs 2 threads give identical decisi
     }
   }
   off.push_back(n);
-  tropd::host::row_tokens tok;
+  tropd::host::row_inputs tok;
   tok.ids = tropd::view_of(y);
   tok.from = tropd::view_of(from);
   tok.seq_offsets = tropd::view_of(off);
@@ -483,17 +487,13 @@ TEST_CASE("objective stochastic: row level, 1 vs 2 threads give identical decisi
     res r;
     r.grad.assign(static_cast<size_t>(n * V), 0.f);
     r.flags.assign(static_cast<size_t>(n), 0);
-    tropd::host::token_outputs tout;
+    tropd::token_outputs tout;
     tout.flags = tropd::view_of(r.flags);
-    tropd::host::row_options ropt;
-    ropt.threads = threads;
-    tropd::host::eval_options opt;
-    opt.seed = seed;
-    opt.step = 11;
-    const tropd::status st = tropd::host::evaluate_rows(tropd::presets::tropd(0.01, static_cast<int>(K)),
-                                                        tropd::make_matrix<const float>(z.data(), n, V),
-                                                        tropd::make_matrix<const float>(u.data(), n, V), tok, opt,
-                                                        tropd::make_matrix(r.grad.data(), n, V), &r.loss, nullptr, tout, ropt);
+    const tropd::status st = tropd::host::evaluate_rows(
+        tropd::presets::tropd({.beta = 0.01, .k = static_cast<int>(K)}), tropd::make_matrix<const float>(z.data(), n, V),
+        tropd::make_matrix<const float>(u.data(), n, V), tok,
+        tropd::host::row_outputs<>{.grad = tropd::make_matrix(r.grad.data(), n, V), .loss = &r.loss, .flags = tout.flags},
+        {.seed = seed, .step = 11, .threads = threads});
     REQUIRE_MESSAGE(st.ok(), st.message());
     return r;
   };

@@ -308,11 +308,11 @@ inline run_result run_method(const shared_setup& S, const options& o, const std:
     if (o.topk > 0) obj.outlier.fkl.k = o.topk;
     return go(obj, none);
   }
-  if (m == "reopold") return go(P::reopold(o.reopold_floor, SC::reopold_default_switch(o.steps)), none);
-  if (m == "tropd") return go(P::tropd(o.beta, o.topk > 0 ? o.topk : 64, o.fkl_form), cosine);
-  if (m == "fkl_outlier") return go(P::fkl_outlier(o.topk > 0 ? o.topk : 64, o.fkl_form), none);
-  if (m == "mask_outlier") return go(P::mask_outlier(o.tau, o.beta), cosine);
-  if (m == "clip_outlier") return go(P::clip_outlier(o.tau, o.beta), cosine);
+  if (m == "reopold") return go(P::reopold({.floor = o.reopold_floor, .switch_step = SC::reopold_default_switch(o.steps)}), none);
+  if (m == "tropd") return go(P::tropd({.beta = o.beta, .k = o.topk > 0 ? o.topk : 64, .form = o.fkl_form}), cosine);
+  if (m == "fkl_outlier") return go(P::fkl_outlier({.k = o.topk > 0 ? o.topk : 64, .form = o.fkl_form}), none);
+  if (m == "mask_outlier") return go(P::mask_outlier({.tau = o.tau, .guidance_beta = o.beta}), cosine);
+  if (m == "clip_outlier") return go(P::clip_outlier({.tau = o.tau, .guidance_beta = o.beta}), cosine);
   if (m == "opd_prefix") {
     auto obj = P::opd();
     obj.guidance_beta = o.beta;

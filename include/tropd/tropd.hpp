@@ -1,15 +1,9 @@
-// tropd/tropd.hpp: umbrella header for host code.
+// tropd/tropd.hpp: umbrella header for host code: the maths (tropd/policies.hpp) and the CPU
+// backend (host/rows.hpp: one estimator per row; host/objective.hpp: an objective at token
+// and row level).
 #pragma once
 
-#include <tropd/config.hpp>
-#include <tropd/core/numerics.hpp>
-#include <tropd/core/random.hpp>
-#include <tropd/core/status.hpp>
-#include <tropd/core/types.hpp>
-#include <tropd/core/views.hpp>
-#include <tropd/estimators/full_vocab.hpp>
-#include <tropd/estimators/sampled.hpp>
-#include <tropd/estimators/topk.hpp>
-#include <tropd/host/rows.hpp>
 #include <tropd/host/objective.hpp>
-#include <tropd/objective.hpp>
+#include <tropd/host/options.hpp>
+#include <tropd/host/rows.hpp>
+#include <tropd/policies.hpp>

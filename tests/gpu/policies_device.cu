@@ -407,19 +407,19 @@ objective_set make_objectives() {
   tc::pg_clip clip;
   clip.eps_low = 0.2;
   clip.eps_high = 0.2;
-  o.opd_ppo = presets::opd(clip);
+  o.opd_ppo = presets::opd({.clip = clip});
   o.eopd = presets::eopd();
-  o.reopold = presets::reopold(-2.0, 100);
+  o.reopold = presets::reopold({.floor = -2.0, .switch_step = 100});
   o.entropy_opd = presets::entropy_opd();
-  o.clip_outlier = presets::clip_outlier(-3.0, 1e-3);
-  o.mask_outlier = presets::mask_outlier(-3.0, 1e-3);
-  o.tropd_c = presets::tropd(1e-3, 64, to::fkl_form::c, 2.0);
-  o.tropd_p = presets::tropd(1e-3, 64, to::fkl_form::p);
+  o.clip_outlier = presets::clip_outlier({.tau = -3.0, .guidance_beta = 1e-3});
+  o.mask_outlier = presets::mask_outlier({.tau = -3.0, .guidance_beta = 1e-3});
+  o.tropd_c = presets::tropd({.beta = 1e-3, .k = 64, .form = to::fkl_form::c, .clamp = 2.0});
+  o.tropd_p = presets::tropd({.beta = 1e-3, .k = 64, .form = to::fkl_form::p});
   o.tropd_p.guidance = guidance_form::pg;
   o.k1_jsd.guidance_beta = 0.01;
-  o.gkd = presets::gkd(0.4);
+  o.gkd = presets::gkd({.beta = 0.4});
   o.vopd = presets::vopd();
-  o.gopd = presets::gopd(1.25);
+  o.gopd = presets::gopd({.lambda = 1.25});
   return o;
 }
 

@@ -22,6 +22,16 @@ namespace tropd_test {
 using naive::ld;
 using naive::vec;
 
+/// The objective with its top-k outlier term's k set to the width K of the lists a
+/// token-level test passes (the library requires k = K there); objectives without a top-k
+/// term, and k < 1 (a parameter test), are returned unchanged.
+template <class Obj>
+Obj with_k(Obj o, int64_t K) {
+  if constexpr (requires { o.outlier.fkl.k; })
+    if (K > 0 && o.outlier.fkl.k >= 1) o.outlier.fkl.k = static_cast<int>(K);
+  return o;
+}
+
 /// Storage value of type T nearest to x (16-bit types via the library's fp32 rounding,
 /// which tests/test_numerics.cpp checks against an independent rounding reference).
 template <class T>

@@ -3,9 +3,12 @@
 // and sentences. Host code only (views are inspected, never dereferenced).
 #pragma once
 
+#include <stdint.h>
+
 #include <tropd/config.hpp>
 #include <tropd/core/numerics.hpp>
 #include <tropd/core/status.hpp>
+#include <tropd/core/values.hpp>
 #include <tropd/core/views.hpp>
 
 namespace tropd::checks {
@@ -43,6 +46,24 @@ inline status teacher_rows(matrix_view<const TT> teacher, index_t rows, index_t 
   if (teacher.rows != rows) return make_error(errc::shape_mismatch, "teacher and student have different numbers of rows");
   if (teacher.cols != cols)
     return make_error(errc::shape_mismatch, "teacher and student vocabulary sizes differ (pad or truncate the teacher vocabulary first)");
+  return {};
+}
+
+/// Token ids [rows], each in [0, V) (host memory: the values are read). shape_mismatch /
+/// id_out_of_range (row, column = the id).
+inline status token_ids(vector_view<const int32_t> ids, index_t rows, index_t V) noexcept {
+  if (ids.size != rows || (rows > 0 && ids.data == nullptr)) return make_error(errc::shape_mismatch, "ids must have one entry per row");
+  for (index_t r = 0; r < rows; ++r)
+    if (ids[r] < 0 || ids[r] >= V) return make_error(errc::id_out_of_range, "sampled token id outside [0, V)", r, ids[r]);
+  return {};
+}
+
+/// Given teacher top-k lists: ids and log-probs both [rows x K], K >= 1 (shape_mismatch).
+inline status topk_lists_shape(matrix_view<const int32_t> ids, const values_matrix& logprobs, index_t rows) noexcept {
+  if (!ids.valid() || !logprobs.valid()) return make_error(errc::shape_mismatch, "teacher top-k views are malformed");
+  if (ids.rows != rows || logprobs.rows != rows) return make_error(errc::shape_mismatch, "teacher top-k lists need one row per student row");
+  if (ids.cols != logprobs.cols || ids.cols < 1)
+    return make_error(errc::shape_mismatch, "teacher top-k ids and log-probs must both be [rows x K] with K >= 1");
   return {};
 }
 

@@ -22,6 +22,10 @@ TROPD_HD constexpr T inf() noexcept { return static_cast<T>(__builtin_huge_val()
 template <class T>
 TROPD_HD constexpr T quiet_nan() noexcept { return static_cast<T>(__builtin_nan("")); }
 
+/// The smallest positive normal number of T (float or double).
+template <class T>
+TROPD_HD constexpr T min_normal() noexcept { return sizeof(T) == 4 ? T(1.17549435082228750797e-38) : T(2.2250738585072014e-308); }
+
 TROPD_HD inline float exp_(float x) noexcept { return ::expf(x); }
 TROPD_HD inline double exp_(double x) noexcept { return ::exp(x); }
 TROPD_HD inline float log_(float x) noexcept { return ::logf(x); }

@@ -7,6 +7,8 @@
 
 #include <stdint.h>
 
+#include <type_traits>
+
 #include <tropd/config.hpp>
 
 namespace tropd {
@@ -86,5 +88,10 @@ concept logit_element = __is_same(T, float) || __is_same(T, double) || __is_same
 /// The element types tropd writes gradients in.
 template <class T>
 concept grad_element = __is_same(T, float) || __is_same(T, double);
+
+/// The type the row passes of both backends compute in for student / teacher logits of types
+/// TS and TT: double if either is double, else float (16-bit inputs widen to float).
+template <class TS, class TT>
+using work_type_t = std::conditional_t<__is_same(TS, double) || __is_same(TT, double), double, float>;
 
 }  // namespace tropd

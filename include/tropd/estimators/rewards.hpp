@@ -2,8 +2,8 @@
 //
 // A trust estimator turns one on-policy token into either a detached policy-gradient
 // advantage A (the objective then forms the clipped surrogate L = -rho A) or a directly
-// differentiated loss L(s) with dL/ds. Inputs: s, s_old, t (log-probs of the sampled
-// token) and, for some, a per-token extra (the detached reverse KL for vOPD, a reference
+// differentiated loss L(s) with dL/ds. Inputs (core/token.hpp): s, s_old, t (log-probs of the
+// sampled token) and, for some, a per-token extra (the detached reverse KL for vOPD, a reference
 // model's log-prob for G-OPD).
 //
 //   k1_reward           A = R = t - s_old                                   (OPD)
@@ -19,16 +19,10 @@
 #include <tropd/config.hpp>
 #include <tropd/core/numerics.hpp>
 #include <tropd/core/status.hpp>
+#include <tropd/core/token.hpp>
 #include <tropd/estimators/sampled.hpp>
 
 namespace tropd::estimators {
-
-/// What a trust estimator sees of one token.
-struct token_terms {
-  double s = 0, s_old = 0, t = 0;
-  double rkl = 0;  ///< detached per-position reverse KL (vOPD); NaN when not supplied
-  double ref = 0;  ///< reference-model log-prob of the token (G-OPD); NaN when not supplied
-};
 
 /// A trust estimator's answer: a PG advantage (pg = true) or a direct loss.
 struct trust_value {
@@ -39,7 +33,7 @@ struct trust_value {
 };
 
 template <class E>
-concept trust_estimator = requires(const E& e, const token_terms& tt) {
+concept trust_estimator = requires(const E& e, const token& tt) {
   { e(tt) } -> std::same_as<trust_value>;
   { e.check() } -> std::same_as<status>;
   { E::needs_rkl } -> std::convertible_to<bool>;
@@ -51,7 +45,7 @@ struct k1_reward {
   static constexpr const char* name = "k1_reward";
   static constexpr bool needs_rkl = false, needs_ref = false;
   TROPD_HD constexpr status check() const noexcept { return {}; }
-  TROPD_HD constexpr trust_value operator()(const token_terms& x) const noexcept {
+  TROPD_HD constexpr trust_value operator()(const token& x) const noexcept {
     return trust_value{true, x.t - x.s_old, 0, 0};
   }
 };
@@ -64,7 +58,7 @@ struct sampled_term {
   static constexpr bool needs_rkl = false, needs_ref = false;
   sampled<E, U> est{};
   TROPD_HD constexpr status check() const noexcept { return {}; }
-  TROPD_HD trust_value operator()(const token_terms& x) const noexcept {
+  TROPD_HD trust_value operator()(const token& x) const noexcept {
     if constexpr (std::is_same_v<U, as_pg_reward>) {
       return trust_value{true, -E::value(x.s_old, x.t), 0, 0};
     } else {
@@ -80,7 +74,7 @@ struct vopd_reward {
   static constexpr const char* name = "vopd_reward";
   static constexpr bool needs_rkl = true, needs_ref = false;
   TROPD_HD constexpr status check() const noexcept { return {}; }
-  TROPD_HD constexpr trust_value operator()(const token_terms& x) const noexcept {
+  TROPD_HD constexpr trust_value operator()(const token& x) const noexcept {
     return trust_value{true, (x.t - x.s_old) + x.rkl, 0, 0};
   }
 };
@@ -95,7 +89,7 @@ struct gopd_reward {
     if (!is_finite(lambda)) return make_error(errc::invalid_parameter, "gopd_reward: lambda must be finite");
     return {};
   }
-  TROPD_HD constexpr trust_value operator()(const token_terms& x) const noexcept {
+  TROPD_HD constexpr trust_value operator()(const token& x) const noexcept {
     return trust_value{true, lambda * (x.t - x.ref) - (x.s_old - x.ref), 0, 0};
   }
 };
@@ -114,7 +108,7 @@ struct proximal_reward {
     if (!is_finite(scale)) return make_error(errc::invalid_parameter, "proximal_reward: scale must be finite");
     return {};
   }
-  TROPD_HD trust_value operator()(const token_terms& x) const noexcept {
+  TROPD_HD trust_value operator()(const token& x) const noexcept {
     const double a = logaddexp(log_(alpha) + (x.t - x.s_old), log1p_(-alpha));
     return trust_value{true, scale * a, 0, 0};
   }

@@ -18,7 +18,14 @@
 // The rule works on log-probabilities at the K ids and returns the sparse gradient
 // g_v = dL/d ls_v; the gradient with respect to the student logits is then
 // dL/da_j = g_j - p_j sum_v g_v (zero-extended), e.g. S_K p - q for `raw`.
-// For `tail_bucket` this gives p_j - q_j on K and p_j (S_K - P_K) / (1 - P_K) off K.
+// For `tail_bucket`, g_v = -q_v + c p_v with c = (1 - S_K) / (1 - P_K), which can be ~1e15
+// when the student's tail is tiny: folded into g, c p_v cancels against the c p_v P_K of
+// p_j sum g in fp32. eval therefore returns the raw coefficients -q_v in g and c separately
+// (topk_result::tail_coef); the dense gradient is then, exactly,
+//   on the list:  g_j - p_j (sum g - (1 - S_K))     (= p_j - q_j for the tail bucket alone)
+//   elsewhere:    -p_j (sum g - (1 - S_K) + c)       (= p_j (S_K - P_K) / (1 - P_K))
+// which is how every row gradient writes it (core/sparse_terms.hpp). fold_tail() gives the
+// folded g_v for callers that want dL/d ls_v itself (the token-level outputs).
 //
 // Teacher lists may come from an inference server: -inf entries are padding (their ids
 // are ignored), entries need not be sorted, and for `renormalised` they need not be
@@ -42,7 +49,8 @@ struct topk_result {
   double value = 0;          ///< FKL_k
   double teacher_mass = 0;   ///< S_K (after validation; before renormalisation)
   double student_mass = 0;   ///< P_K
-  double tail_coef = 0;      ///< tail_bucket: c = (1 - S_K) / (1 - P_K), included in g as c p_v (0: no tail term)
+  double tail_coef = 0;      ///< tail_bucket: c = (1 - S_K) / (1 - P_K), NOT included in g (0: no tail term)
+  double tail_teacher = 0;   ///< tail_bucket: the teacher's tail mass 1 - S_K where the bucket is used (else 0)
   status st{};               ///< infinite_divergence / invalid_topk_list on failure
 };
 
@@ -64,13 +72,14 @@ struct topk_forward_kl {
   }
 
   /// n entries: lq[i] teacher log-prob (may be -inf: padding), ls[i] student log-prob at
-  /// the same id. Writes g[i] = dL/d ls_i (may be nullptr). Works in double.
+  /// the same id (any indexable: pointers, values_row). Writes g[i] = dL/d ls_i without the
+  /// tail bucket's c p_i (may be nullptr; see the header comment). Works in double.
   /// `log_student_tail` (tail_bucket only): log(1 - P_K) computed exactly by a caller that
   /// has the student's whole row (-inf: the student has no mass outside the list); NaN
   /// (the default) estimates it from the ls entries as log1mexp(logsumexp ls), which cannot
   /// resolve a student tail below ~1e-12 (then reported as infinite_divergence).
-  template <class FQ, class FS>
-  TROPD_HD topk_result eval(const FQ* lq, const FS* ls, int n, double* g,
+  template <class Q, class S>
+  TROPD_HD topk_result eval(const Q& lq, const S& ls, int n, double* g,
                             double log_student_tail = quiet_nan<double>()) const noexcept {
     topk_result r;
     // Teacher mass in log space: log S_K = logsumexp of the finite entries, so unnormalised
@@ -136,17 +145,31 @@ struct topk_forward_kl {
           return r;
         }
         val += tail_t * (log_(tail_t) - log_tail_s);
-        if (g) {
-          const double c = tail_t * exp_(-log_tail_s);  // (1 - S_K) / (1 - P_K)
-          r.tail_coef = c;
-          for (int i = 0; i < n; ++i)
-            if (double(lq[i]) != -inf<double>()) g[i] += c * exp_(double(ls[i]));
-        }
+        r.tail_coef = tail_t * exp_(-log_tail_s);  // (1 - S_K) / (1 - P_K)
+        r.tail_teacher = tail_t;
       }
     }
     r.value = val;  // raw can be negative (S_K < 1); the others are >= 0 up to rounding
     return r;
   }
 };
+
+/// Whether a row backend may use the student tail estimated from the n listed log-probs,
+/// log(1 - P_K) = log1mexp(logsumexp ls) = `estimate`, instead of summing the entries outside
+/// the list (one more read of the row). Each listed log-prob carries an absolute rounding
+/// error of ~eps |lse_s| (the logits' scale), so with n |lse_s| < 1e6 the listed mass is
+/// known to ~2e-10, i.e. a tail above 1e-3 to a relative 2e-7 (and then surely > 0).
+TROPD_HD constexpr bool tail_estimate_usable(double estimate, int n, double lse_s) noexcept {
+  return estimate > -6.907755278982137 && double(n) * abs_(lse_s) < 1e6;  // log(1e-3)
+}
+
+/// Folds the tail bucket's c p_v into raw coefficients: g[i] += c exp(ls[i]) on the finite
+/// entries, giving dL/d ls_i itself (see the header comment for why the row passes do not).
+template <class Q, class S>
+TROPD_HD inline void fold_tail(const Q& lq, const S& ls, int n, double c, double* g) noexcept {
+  if (c == 0.0) return;
+  for (int i = 0; i < n; ++i)
+    if (double(lq[i]) != -inf<double>()) g[i] += c * exp_(double(ls[i]));
+}
 
 }  // namespace tropd::estimators

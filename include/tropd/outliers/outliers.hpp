@@ -7,8 +7,8 @@
 //   topk_fkl (form C)      A = -FKL_k computed detached from the rollout-time student's
 //                          log-probs at the teacher's top-k, optionally A >= -clamp   (authors' code)
 //
-// Outlier handlers see the same token view as the trust estimator plus, for topk_fkl,
-// the teacher's top-k list (ids, log-probs) and the student's log-probs at those ids.
+// Outlier handlers see the same token as the trust estimator (core/token.hpp) plus, for
+// topk_fkl, the teacher's top-k list and the student's log-probs at its ids (topk_row).
 #pragma once
 
 #include <concepts>
@@ -16,20 +16,10 @@
 #include <tropd/config.hpp>
 #include <tropd/core/numerics.hpp>
 #include <tropd/core/status.hpp>
+#include <tropd/core/token.hpp>
 #include <tropd/estimators/topk.hpp>
 
 namespace tropd::outliers {
-
-/// The top-k data of one position (K entries; teacher log-prob -inf marks padding).
-struct topk_row {
-  const float* teacher = nullptr;      ///< teacher log-probs at the ids
-  const float* student = nullptr;      ///< current student log-probs at the ids (form P)
-  const float* student_old = nullptr;  ///< rollout-time student log-probs (form C)
-  int k = 0;
-  /// log(1 - P_K) of the current student, exact (from its whole row), for the tail-bucket
-  /// policy; NaN: unknown (estimated from `student`, see estimators::topk_forward_kl::eval).
-  double student_tail_log = quiet_nan<double>();
-};
 
 /// An outlier handler's answer for one token.
 struct outlier_value {
@@ -39,12 +29,15 @@ struct outlier_value {
   double loss = 0;        ///< L (direct)
   bool clipped = false;   ///< the reward was clipped / clamped
   double teacher_mass = 0, student_mass = 0;  ///< S_K, P_K (top-k handlers)
+  /// Direct top-k losses with the tail bucket: its c and 1 - S_K (times the weight), kept
+  /// apart from the raw coefficients written to g (core/sparse_terms.hpp).
+  double tail_coef = 0, tail_teacher = 0;
   status st{};
 };
 
 template <class O>
-concept outlier_handler = requires(const O& o, double R, const topk_row& tk, double* g) {
-  { o(R, tk, g) } -> std::same_as<outlier_value>;
+concept outlier_handler = requires(const O& o, const token& tk, const topk_row& list, double* g) {
+  { o(tk, list, g) } -> std::same_as<outlier_value>;
   { o.check() } -> std::same_as<status>;
   { O::needs_topk } -> std::convertible_to<bool>;
 };
@@ -54,7 +47,7 @@ struct drop {
   static constexpr const char* name = "drop";
   static constexpr bool needs_topk = false;
   TROPD_HD constexpr status check() const noexcept { return {}; }
-  TROPD_HD constexpr outlier_value operator()(double, const topk_row&, double*) const noexcept {
+  TROPD_HD constexpr outlier_value operator()(const token&, const topk_row&, double*) const noexcept {
     outlier_value v;
     v.kept = false;
     v.advantage = 0;
@@ -72,10 +65,10 @@ struct clip_reward {
     if (!is_finite(tau)) return make_error(errc::invalid_parameter, "clip_reward: tau must be finite");
     return {};
   }
-  TROPD_HD constexpr outlier_value operator()(double R, const topk_row&, double*) const noexcept {
+  TROPD_HD constexpr outlier_value operator()(const token& tk, const topk_row&, double*) const noexcept {
     outlier_value v;
-    v.advantage = R > tau ? R : tau;
-    v.clipped = !(R > tau);
+    v.advantage = tk.R > tau ? tk.R : tau;
+    v.clipped = !(tk.R > tau);
     return v;
   }
 };
@@ -102,8 +95,9 @@ struct topk_fkl {
     if (!is_finite(weight) || weight < 0) return make_error(errc::invalid_parameter, "topk_fkl: weight must be finite and >= 0");
     return {};
   }
-  /// g (K entries) receives dL/d log p_S at the top-k ids for form P; untouched for form C.
-  TROPD_HD outlier_value operator()(double, const topk_row& tk, double* g) const noexcept {
+  /// g (K entries) receives the raw dL/d log p_S at the top-k ids for form P (the tail
+  /// bucket's c p_v apart, in tail_coef); untouched for form C.
+  TROPD_HD outlier_value operator()(const token&, const topk_row& tk, double* g) const noexcept {
     outlier_value v;
     if (form == fkl_form::p) {
       const auto r = fkl.eval(tk.teacher, tk.student, tk.k, g, tk.student_tail_log);
@@ -112,11 +106,16 @@ struct topk_fkl {
       v.loss = weight * r.value;
       if (g)
         for (int i = 0; i < tk.k; ++i) g[i] *= weight;
+      v.tail_coef = weight * r.tail_coef;
+      v.tail_teacher = weight * r.tail_teacher;
       v.teacher_mass = r.teacher_mass;
       v.student_mass = r.student_mass;
     } else {
-      const auto r = tk.student_old ? fkl.eval(tk.teacher, tk.student_old, tk.k, nullptr)
-                                    : fkl.eval(tk.teacher, tk.student, tk.k, nullptr, tk.student_tail_log);
+      // Form C reads the rollout-time student (the current one when no rollout-time list was
+      // given: make_topk_row points student_old at student then, and the exact tail applies).
+      const bool rollout = tk.student_old.data != tk.student.data;
+      const auto r = rollout ? fkl.eval(tk.teacher, tk.student_old, tk.k, nullptr)
+                             : fkl.eval(tk.teacher, tk.student, tk.k, nullptr, tk.student_tail_log);
       v.st = r.st;
       double a = -r.value;
       if (a < -clamp) { a = -clamp; v.clipped = true; }

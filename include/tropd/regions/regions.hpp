@@ -1,6 +1,6 @@
 // tropd/regions/regions.hpp: trust-region rules (who is trusted), method.md 4.2-4.3, 5, 6.
 //
-// A region looks at one on-policy (student-sampled) token and says whether it is inside
+// A region looks at one on-policy (student-sampled) token (core/token.hpp) and says whether it is inside
 // the trust region (M = 1: the trust estimator applies) or an outlier (M = 0: the outlier
 // handler applies). Rules that need batch-level quantities (a quantile over the batch, a
 // per-sequence maximum) compute them in a host-side `prepare` step into a
@@ -29,21 +29,9 @@
 #include <tropd/core/numerics.hpp>
 #include <tropd/core/random.hpp>
 #include <tropd/core/status.hpp>
+#include <tropd/core/token.hpp>
 
 namespace tropd::regions {
-
-/// What a region sees of one on-policy token.
-struct token_view {
-  double s = 0;       ///< current student log-prob of the token
-  double s_old = 0;   ///< rollout-time student log-prob (detached)
-  double t = 0;       ///< teacher log-prob (may be -inf)
-  double R = 0;       ///< t - s_old
-  double ent_s = 0;   ///< student entropy at the position (NaN when not supplied)
-  double ent_t = 0;   ///< teacher entropy at the position (NaN when not supplied)
-  uint64_t seq_id = 0;     ///< global sequence id (keys random draws)
-  uint64_t position = 0;   ///< position inside the sequence (keys random draws)
-  index_t seq_index = 0;   ///< index of the sequence in this batch
-};
 
 /// Batch-level values computed by `prepare` (host) and read by the per-token rule.
 struct batch_context {
@@ -71,7 +59,7 @@ struct batch_storage {
 /// A region rule: `trusted(token, ctx)` on host and device, plus an optional
 /// `prepare(tokens, ctx, storage) -> status` on the host and a `check() -> status`.
 template <class R>
-concept trust_region = requires(const R& r, const token_view& tv, const batch_context& ctx) {
+concept trust_region = requires(const R& r, const token& tv, const batch_context& ctx) {
   { r.trusted(tv, ctx) } -> std::convertible_to<bool>;
   { r.check() } -> std::same_as<status>;
   { R::needs_student_entropy } -> std::convertible_to<bool>;
@@ -83,7 +71,7 @@ struct all_trusted {
   static constexpr const char* name = "all_trusted";
   static constexpr bool needs_student_entropy = false, needs_teacher_entropy = false;
   TROPD_HD constexpr status check() const noexcept { return {}; }
-  TROPD_HD constexpr bool trusted(const token_view&, const batch_context&) const noexcept { return true; }
+  TROPD_HD constexpr bool trusted(const token&, const batch_context&) const noexcept { return true; }
 };
 static_assert(trust_region<all_trusted>);
 
@@ -94,7 +82,7 @@ struct stochastic_acceptance {
   static constexpr const char* name = "stochastic_acceptance";
   static constexpr bool needs_student_entropy = false, needs_teacher_entropy = false;
   TROPD_HD constexpr status check() const noexcept { return {}; }
-  TROPD_HD bool trusted(const token_view& tv, const batch_context& ctx) const noexcept {
+  TROPD_HD bool trusted(const token& tv, const batch_context& ctx) const noexcept {
     if (tv.R >= 0) return true;
     const draw_key k{ctx.seed, ctx.step, tv.seq_id, tv.position, streams::trust_region};
     return log_uniform(k) <= tv.R;
@@ -111,7 +99,7 @@ struct log_ratio_threshold {
     if (is_nan(tau)) return make_error(errc::invalid_parameter, "log_ratio_threshold: tau is NaN");
     return {};
   }
-  TROPD_HD constexpr bool trusted(const token_view& tv, const batch_context&) const noexcept { return tv.R > tau; }
+  TROPD_HD constexpr bool trusted(const token& tv, const batch_context&) const noexcept { return tv.R > tau; }
 };
 static_assert(trust_region<log_ratio_threshold>);
 
@@ -125,7 +113,7 @@ struct teacher_entropy_gate {
     if (!(tau >= 0)) return make_error(errc::invalid_parameter, "teacher_entropy_gate: tau must be >= 0");
     return {};
   }
-  TROPD_HD constexpr bool trusted(const token_view& tv, const batch_context&) const noexcept { return !(tv.ent_t > tau); }
+  TROPD_HD constexpr bool trusted(const token& tv, const batch_context&) const noexcept { return !(tv.ent_t > tau); }
 };
 static_assert(trust_region<teacher_entropy_gate>);
 
@@ -149,7 +137,7 @@ struct entropy_top_fraction {
     ctx.threshold = h[static_cast<size_t>(kth)];
     return {};
   }
-  TROPD_HD constexpr bool trusted(const token_view& tv, const batch_context& ctx) const noexcept { return tv.ent_s >= ctx.threshold; }
+  TROPD_HD constexpr bool trusted(const token& tv, const batch_context& ctx) const noexcept { return tv.ent_s >= ctx.threshold; }
 };
 static_assert(trust_region<entropy_top_fraction>);
 
@@ -173,7 +161,7 @@ struct sequence_ratio_bound {
     ctx.seq_masked = st.seq_masked.data();
     return {};
   }
-  TROPD_HD constexpr bool trusted(const token_view& tv, const batch_context& ctx) const noexcept {
+  TROPD_HD constexpr bool trusted(const token& tv, const batch_context& ctx) const noexcept {
     return !(ctx.seq_masked && ctx.seq_masked[tv.seq_index]);
   }
 };
@@ -201,7 +189,7 @@ struct phase_switch {
     }
     return {};
   }
-  TROPD_HD constexpr bool trusted(const token_view& tv, const batch_context& ctx) const noexcept {
+  TROPD_HD constexpr bool trusted(const token& tv, const batch_context& ctx) const noexcept {
     return static_cast<long long>(ctx.step) < switch_step ? first.trusted(tv, ctx) : second.trusted(tv, ctx);
   }
 };

@@ -13,7 +13,7 @@
 //
 // Path selection: if both models expose logits, the row path runs (every objective,
 // including GKD, except those whose trust estimator needs a third model's log-probs: G-OPD
-// reports errc::unsupported from the driver; call host::evaluate_rows with row_tokens::ref);
+// reports errc::unsupported from the driver; call host::evaluate_rows with row_inputs::ref);
 // otherwise the token path runs with the student's log-probs and the teacher's log-probs
 // (objectives whose outlier handler needs top-k lists, whose region needs entropies, in any
 // phase, or with a dense term require the row path and report errc::unsupported). On the
@@ -27,7 +27,7 @@
 
 #include <tropd/core/random.hpp>
 #include <tropd/core/status.hpp>
-#include <tropd/core/tokens.hpp>
+#include <tropd/core/token.hpp>
 #include <tropd/host/objective.hpp>
 #include <tropd/runtime/concepts.hpp>
 #include <tropd/schedules/plan.hpp>
@@ -57,7 +57,7 @@ struct step_config {
 /// What a step returns.
 struct step_report {
   double loss = 0;
-  host::diagnostics diag{};
+  diagnostics diag{};
   schedules::batch_plan plan{};
   schedules::assembled_batch batch{};
   bool row_path = false;
@@ -127,7 +127,7 @@ status distill_step(Student& student, Teacher& teacher, std::span<const schedule
   const index_t n = static_cast<index_t>(B.tokens.size());
   sequence_batch sb{std::span<const int32_t>(B.tokens.data(), B.tokens.size()),
                     std::span<const index_t>(B.seq_offsets.data(), B.seq_offsets.size())};
-  host::eval_options eo{cfg.seed, static_cast<uint64_t>(cfg.step)};
+  host::eval_options eo{.seed = cfg.seed, .step = static_cast<uint64_t>(cfg.step), .threads = cfg.threads};
 
   if constexpr (student_with_logits<Student> && teacher_with_logits<Teacher>) {
     if (!cfg.force_token_path) {
@@ -137,17 +137,14 @@ status distill_step(Student& student, Teacher& teacher, std::span<const schedule
       std::vector<float> zs(static_cast<size_t>(n * V)), zt(static_cast<size_t>(n * V)), g(static_cast<size_t>(n * V));
       TROPD_TRY(student.logits(sb, make_matrix(zs.data(), n, V)));
       TROPD_TRY(teacher.logits(sb, make_matrix(zt.data(), n, V)));
-      host::row_tokens rt;
-      rt.ids = {B.tokens.data(), n};
-      rt.from = {B.origin.data(), n};
-      rt.seq_offsets = {B.seq_offsets.data(), static_cast<index_t>(B.seq_offsets.size())};
-      rt.seq_ids = {B.seq_ids.data(), static_cast<index_t>(B.seq_ids.size())};
-      host::row_options ro;
-      ro.threads = cfg.threads;
-      ro.student_temperature = cfg.temperature;
-      ro.teacher_temperature = cfg.teacher_temperature;
-      TROPD_TRY(host::evaluate_rows(obj, make_matrix<const float>(zs.data(), n, V), make_matrix<const float>(zt.data(), n, V), rt, eo,
-                                    make_matrix(g.data(), n, V), &rep.loss, &rep.diag, {}, ro));
+      const host::row_inputs in{.ids = {B.tokens.data(), n},
+                                .from = {B.origin.data(), n},
+                                .seq_offsets = {B.seq_offsets.data(), static_cast<index_t>(B.seq_offsets.size())},
+                                .seq_ids = {B.seq_ids.data(), static_cast<index_t>(B.seq_ids.size())},
+                                .student_temperature = cfg.temperature,
+                                .teacher_temperature = cfg.teacher_temperature};
+      TROPD_TRY(host::evaluate_rows(obj, make_matrix<const float>(zs.data(), n, V), make_matrix<const float>(zt.data(), n, V), in,
+                                    host::row_outputs<>{.grad = make_matrix(g.data(), n, V), .loss = &rep.loss, .diag = &rep.diag}, eo));
       TROPD_TRY(student.backward_logits(sb, make_matrix<const float>(g.data(), n, V)));
       rep.row_path = true;
       report = std::move(rep);
@@ -163,15 +160,12 @@ status distill_step(Student& student, Teacher& teacher, std::span<const schedule
       std::vector<float> s(static_cast<size_t>(n)), t(static_cast<size_t>(n)), g(static_cast<size_t>(n));
       TROPD_TRY(student.logprobs(sb, vector_view<float>{s.data(), n}));
       TROPD_TRY(teacher.logprobs(sb, vector_view<float>{t.data(), n}));
-      host::token_batch tb;
-      tb.s = {s.data(), n};
-      tb.t = {t.data(), n};
-      tb.from = {B.origin.data(), n};
-      tb.seq_offsets = {B.seq_offsets.data(), static_cast<index_t>(B.seq_offsets.size())};
-      tb.seq_ids = {B.seq_ids.data(), static_cast<index_t>(B.seq_ids.size())};
-      host::token_outputs to;
-      to.dloss_ds = {g.data(), n};
-      TROPD_TRY(host::evaluate_tokens(obj, tb, eo, to, &rep.loss, &rep.diag));
+      const token_batch tb{.s = {s.data(), n},
+                           .t = {t.data(), n},
+                           .from = {B.origin.data(), n},
+                           .seq_offsets = {B.seq_offsets.data(), static_cast<index_t>(B.seq_offsets.size())},
+                           .seq_ids = {B.seq_ids.data(), static_cast<index_t>(B.seq_ids.size())}};
+      TROPD_TRY(host::evaluate_tokens(obj, tb, {.loss = &rep.loss, .diag = &rep.diag, .dloss_ds = {g.data(), n}}, eo));
       TROPD_TRY(student.backward_logprobs(sb, vector_view<const float>{g.data(), n}));
       rep.row_path = false;
       report = std::move(rep);

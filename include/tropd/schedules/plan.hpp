@@ -15,7 +15,7 @@
 //        tokens, origin per token, seq_offsets (CSR, one sequence per sample, plan order),
 //        sample_prompt, seq_ids, seq_kind per sequence.
 //
-// Origin tags (core/tokens.hpp):
+// Origin tags (core/token.hpp):
 //   off-policy sample:  prompt tokens -> origin::prompt, teacher prefix -> origin::teacher
 //                       (these get the off-policy guidance term -beta log p_S(x))
 //   on-policy sample:   prompt AND shared teacher prefix -> origin::prompt (context: the paper
@@ -51,7 +51,7 @@
 
 #include <tropd/config.hpp>
 #include <tropd/core/status.hpp>
-#include <tropd/core/tokens.hpp>
+#include <tropd/core/token.hpp>
 #include <tropd/schedules/prefix.hpp>
 
 namespace tropd::schedules {

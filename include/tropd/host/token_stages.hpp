@@ -1,0 +1,388 @@
+// tropd/host/token_stages.hpp: the stages an objective runs over a batch of tokens on the
+// CPU. evaluate_tokens runs them on the caller's arrays; evaluate_rows on the arrays it
+// computes from the logits (host/objective.hpp). Each stage is callable alone:
+//
+//   1. validate   validate_tokens: structure (shapes, offsets, origin tags, the arrays the
+//                 objective needs, top-k ids), then every token's values (core/token_rules.hpp);
+//                 input_policy::mask turns tokens with bad values into prompt tokens instead
+//   2. decide     batch decisions (the region's prepare: quantiles, sequence masks), then the
+//                 region's rule per student token -> trusted / outlier
+//   3. apply      the per-token rule (objective/evaluate_token.hpp) -> L_i, dL_i/ds, the raw
+//                 sparse dL_i/d log p_S at the teacher's top-k ids
+//   4. aggregate  weights w_i from the aggregation mode; loss = sum w_i L_i; diagnostics
+//
+// decide / apply / aggregate_weights expect a batch that passed validate_tokens.
+// run_token_stages runs 1-4 and is what both entry points call.
+#pragma once
+
+#include <stdint.h>
+
+#include <algorithm>
+#include <vector>
+
+#include <tropd/config.hpp>
+#include <tropd/core/numerics.hpp>
+#include <tropd/core/sparse_terms.hpp>
+#include <tropd/core/status.hpp>
+#include <tropd/core/token.hpp>
+#include <tropd/core/token_batch.hpp>
+#include <tropd/core/token_rules.hpp>
+#include <tropd/estimators/topk.hpp>
+#include <tropd/host/options.hpp>
+#include <tropd/objective.hpp>
+
+namespace tropd::host {
+
+namespace detail {
+
+/// Structural validation of a token batch for an objective: shapes, offsets, origin tags,
+/// the optional arrays the objective's policies need, top-k ids. Always an error when it
+/// fails (whatever the input policy).
+template <class Obj>
+status validate_structure(const Obj& obj, const token_batch& b) {
+  TROPD_TRY(obj.check());
+  const index_t n = b.s.size;
+  if (n == 0) return make_error(errc::empty_batch, "no tokens");
+  if (b.t.size != n || b.from.size != n) return make_error(errc::shape_mismatch, "s, t and origin must all have n entries");
+  if (b.seq_offsets.size < 2) return make_error(errc::shape_mismatch, "seq_offsets needs n_seq + 1 >= 2 entries");
+  if (b.seq_offsets[0] != 0 || b.seq_offsets[b.seq_offsets.size - 1] != n)
+    return make_error(errc::shape_mismatch, "seq_offsets must start at 0 and end at n");
+  for (index_t j = 1; j < b.seq_offsets.size; ++j)
+    if (b.seq_offsets[j] < b.seq_offsets[j - 1]) return make_error(errc::shape_mismatch, "seq_offsets must be non-decreasing", j);
+  const index_t n_seq = b.seq_offsets.size - 1;
+  if (b.seq_ids.size != 0 && b.seq_ids.size != n_seq) return make_error(errc::shape_mismatch, "seq_ids must have n_seq entries");
+  for (index_t i = 0; i < n; ++i)
+    if (static_cast<uint8_t>(b.from[i]) > 2) return make_error(errc::invalid_parameter, "origin tag must be prompt, teacher or student", i);
+  if (b.s_old.size != 0 && b.s_old.size != n) return make_error(errc::shape_mismatch, "s_old must be empty or have n entries");
+  using R = typename Obj::region_type;
+  using T = typename Obj::trust_type;
+  using O = typename Obj::outlier_type;
+  if constexpr (R::needs_student_entropy)
+    if (b.student_entropy.size == 0) return make_error(errc::unsupported, "this region needs student entropies (token_batch::student_entropy)");
+  if constexpr (R::needs_teacher_entropy)
+    if (b.teacher_entropy.size == 0) return make_error(errc::unsupported, "this region needs teacher entropies (token_batch::teacher_entropy)");
+  if constexpr (T::needs_rkl)
+    if (b.rkl.size == 0) return make_error(errc::unsupported, "this trust estimator needs the per-position reverse KL (token_batch::rkl)");
+  if constexpr (T::needs_ref)
+    if (b.ref.size == 0) return make_error(errc::unsupported, "this trust estimator needs reference log-probs (token_batch::ref)");
+  if (b.student_entropy.size != 0 && b.student_entropy.size != n) return make_error(errc::shape_mismatch, "student_entropy must be empty or have n entries");
+  if (b.teacher_entropy.size != 0 && b.teacher_entropy.size != n) return make_error(errc::shape_mismatch, "teacher_entropy must be empty or have n entries");
+  if (b.rkl.size != 0 && b.rkl.size != n) return make_error(errc::shape_mismatch, "rkl must be empty or have n entries");
+  if (b.ref.size != 0 && b.ref.size != n) return make_error(errc::shape_mismatch, "ref must be empty or have n entries");
+  if constexpr (O::needs_topk) {
+    const auto& ids = b.topk_ids;
+    if (ids.rows != n || b.topk_teacher.rows != n || b.topk_student.rows != n || ids.cols < 1 ||
+        b.topk_teacher.cols != ids.cols || b.topk_student.cols != ids.cols)
+      return make_error(errc::shape_mismatch, "this outlier handler needs [n x K] topk_ids, topk_teacher and topk_student (K >= 1)");
+    if (b.topk_student_old.rows != 0 && (b.topk_student_old.rows != n || b.topk_student_old.cols != ids.cols))
+      return make_error(errc::shape_mismatch, "topk_student_old must be empty or [n x K]");
+    if (b.topk_student_tail_log.size != 0 && b.topk_student_tail_log.size != n)
+      return make_error(errc::shape_mismatch, "topk_student_tail_log must be empty or have n entries");
+    if (!ids.valid() || !b.topk_teacher.valid() || !b.topk_student.valid() || !b.topk_student_old.valid())
+      return make_error(errc::shape_mismatch, "top-k views are malformed");
+    // Ids are structure: a bad id is an error under either input policy, as at row level.
+    // (The vocabulary size is unknown here: only negative ids are out of range.)
+    for (index_t i = 0; i < n; ++i) {
+      if (b.from[i] != origin::student) continue;
+      for (index_t k = 0; k < ids.cols; ++k) TROPD_TRY(rules::check_topk_id(ids.row(i), b.topk_teacher.row(i), k, -1, i));
+    }
+  }
+  return {};
+}
+
+/// A top-k objective's k must be the width of the lists it is given (never silently ignored).
+template <class Obj>
+status check_topk_width(const Obj& obj, index_t K) {
+  if constexpr (requires { obj.outlier.fkl.k; }) {
+    if (K != obj.outlier.fkl.k)
+      return make_error(errc::invalid_parameter,
+                        "the top-k lists' width K differs from the objective's k (outlier.fkl.k): set the preset's k to the lists' width");
+  }
+  return {};
+}
+
+/// The per-token outputs' shapes.
+inline status check_token_outputs(const token_outputs& o, index_t n, index_t K) {
+  if (o.dloss_ds.size != 0 && o.dloss_ds.size != n) return make_error(errc::shape_mismatch, "dloss_ds must be empty or have n entries");
+  if (o.advantage.size != 0 && o.advantage.size != n) return make_error(errc::shape_mismatch, "advantage must be empty or have n entries");
+  if (o.flags.size != 0 && o.flags.size != n) return make_error(errc::shape_mismatch, "flags must be empty or have n entries");
+  if (o.dloss_dtopk.rows != 0 && (o.dloss_dtopk.rows != n || o.dloss_dtopk.cols != K || !o.dloss_dtopk.valid()))
+    return make_error(errc::shape_mismatch, "dloss_dtopk must be empty or [n x K] like the top-k lists");
+  return {};
+}
+
+/// Sequence index of every token (from CSR offsets).
+inline std::vector<index_t> token_sequences(vector_view<const index_t> off, index_t n) {
+  std::vector<index_t> seq(static_cast<size_t>(n));
+  for (index_t j = 0; j + 1 < off.size; ++j)
+    for (index_t i = off[j]; i < off[j + 1]; ++i) seq[static_cast<size_t>(i)] = j;
+  return seq;
+}
+
+}  // namespace detail
+
+/// Stage 1 (reject policy): structure, then every token's values; the first violation.
+template <class Obj>
+status validate_tokens(const Obj& obj, const token_batch& b) {
+  TROPD_TRY(detail::validate_structure(obj, b));
+  for (index_t i = 0; i < b.s.size; ++i) TROPD_TRY(rules::check_token_values(b, i, Obj::outlier_type::needs_topk));
+  return {};
+}
+
+/// Stage 1 (mask policy): the origin tags with every token whose values fail the checks made
+/// a prompt token (no loss, zero gradient); returns how many. Structure is validated first
+/// (structure errors stay errors) unless the caller has just done it.
+template <class Obj>
+status mask_bad_tokens(const Obj& obj, const token_batch& b, std::vector<origin>& from_out, index_t& n_masked,
+                       bool validate = true) {
+  if (validate) TROPD_TRY(detail::validate_structure(obj, b));
+  from_out.assign(b.from.begin(), b.from.end());
+  n_masked = 0;
+  for (index_t i = 0; i < b.s.size; ++i)
+    if (b.from[i] != origin::prompt && !rules::check_token_values(b, i, Obj::outlier_type::needs_topk).ok()) {
+      from_out[static_cast<size_t>(i)] = origin::prompt;
+      ++n_masked;
+    }
+  return {};
+}
+
+/// Stage 2: region decisions for every token (1 = trusted; meaningful for student tokens).
+template <class Obj>
+status decide(const Obj& obj, const token_batch& b, const eval_options& opt, std::vector<uint8_t>& trusted) {
+  const index_t n = b.s.size;
+  const std::vector<index_t> seq = detail::token_sequences(b.seq_offsets, n);
+  std::vector<token> tk;
+  std::vector<index_t> at;
+  for (index_t i = 0; i < n; ++i) {
+    if (b.from[i] != origin::student) continue;
+    tk.push_back(rules::make_token(b, i, seq[static_cast<size_t>(i)]));
+    at.push_back(i);
+  }
+  // The batch values the region's prepare may read (student tokens only).
+  std::vector<double> R(tk.size()), hs(tk.size()), ht(tk.size());
+  std::vector<index_t> sidx(tk.size());
+  for (size_t k = 0; k < tk.size(); ++k) {
+    R[k] = tk[k].R;
+    hs[k] = tk[k].ent_s;
+    ht[k] = tk[k].ent_t;
+    sidx[k] = tk[k].seq_index;
+  }
+  regions::batch_context ctx{opt.seed, opt.step, 0, nullptr};
+  regions::batch_storage storage;
+  regions::batch_tokens bt{R.data(), hs.data(), ht.data(), sidx.data(), static_cast<index_t>(R.size()), b.num_sequences()};
+  if constexpr (requires { obj.region.prepare(bt, ctx, storage); }) TROPD_TRY(obj.region.prepare(bt, ctx, storage));
+  trusted.assign(static_cast<size_t>(n), 0);
+  for (size_t k = 0; k < tk.size(); ++k) trusted[static_cast<size_t>(at[k])] = obj.region.trusted(tk[k], ctx) ? 1 : 0;
+  return {};
+}
+
+/// Result of stage 3 for a batch (unweighted per-token values).
+struct applied {
+  std::vector<token_result> tok;
+  std::vector<double> g_topk;  ///< [n x K] raw sparse gradients (form P; tail bucket apart)
+  index_t K = 0;
+};
+
+/// Stage 3: the per-token rule over the batch.
+template <class Obj>
+status apply(const Obj& obj, const token_batch& b, const std::vector<uint8_t>& trusted, applied& out) {
+  const index_t n = b.s.size;
+  const std::vector<index_t> seq = detail::token_sequences(b.seq_offsets, n);
+  out.K = b.topk_teacher.rows == n ? b.topk_teacher.cols : 0;
+  out.tok.assign(static_cast<size_t>(n), token_result{});
+  out.g_topk.assign(static_cast<size_t>(n * out.K), 0.0);
+  for (index_t i = 0; i < n; ++i) {
+    const token tk = rules::make_token(b, i, seq[static_cast<size_t>(i)]);
+    const topk_row list = rules::make_topk_row(b, i);
+    double* g = out.K > 0 ? out.g_topk.data() + i * out.K : nullptr;
+    token_result r = evaluate_token(obj, tk, list, trusted[static_cast<size_t>(i)] != 0, g);
+    if (!r.st.ok()) return make_error(r.st.code, r.st.detail, i, r.st.col);
+    if (!r.topk_grad && g)
+      for (index_t k = 0; k < out.K; ++k) g[k] = 0;
+    out.tok[static_cast<size_t>(i)] = r;
+  }
+  return {};
+}
+
+/// Stage 4: aggregation weights w_i and the normaliser (aggregation/aggregation.hpp).
+template <class Obj>
+status aggregate_weights(const Obj& obj, const token_batch& b, const applied& a, std::vector<double>& w, double& normaliser) {
+  const index_t n = b.s.size;
+  w.assign(static_cast<size_t>(n), 0.0);
+  const auto& agg = obj.agg;
+  using aggregation::mode;
+  auto counted = [&](index_t i) { return (a.tok[static_cast<size_t>(i)].flags & flags::counted) != 0; };
+  auto kept = [&](index_t i) { return (a.tok[static_cast<size_t>(i)].flags & flags::kept) != 0; };
+  if (agg.how == mode::token_mean || agg.how == mode::kept_token_mean || agg.how == mode::sum_over_constant) {
+    double cnt = 0;
+    for (index_t i = 0; i < n; ++i) cnt += (agg.how == mode::kept_token_mean ? kept(i) : counted(i)) ? 1 : 0;
+    if (agg.how == mode::sum_over_constant) cnt = agg.constant;
+    normaliser = agg.normaliser > 0 ? agg.normaliser : cnt;
+    const double inv = normaliser > 0 ? 1.0 / normaliser : 0.0;
+    for (index_t i = 0; i < n; ++i) w[static_cast<size_t>(i)] = counted(i) ? inv : 0.0;
+    return {};
+  }
+  // Sequence modes.
+  const index_t n_seq = b.num_sequences();
+  double seqs = 0;
+  std::vector<double> per(static_cast<size_t>(n_seq), 0.0);
+  for (index_t j = 0; j < n_seq; ++j) {
+    double c = 0;
+    for (index_t i = b.seq_offsets[j]; i < b.seq_offsets[j + 1]; ++i) c += counted(i) ? 1 : 0;
+    if (c > 0) {
+      seqs += 1;
+      per[static_cast<size_t>(j)] = agg.how == mode::seq_mean_token_mean ? 1.0 / c : 1.0;
+    }
+  }
+  normaliser = agg.normaliser > 0 ? agg.normaliser : seqs;
+  const double inv = normaliser > 0 ? 1.0 / normaliser : 0.0;
+  for (index_t j = 0; j < n_seq; ++j)
+    for (index_t i = b.seq_offsets[j]; i < b.seq_offsets[j + 1]; ++i)
+      w[static_cast<size_t>(i)] = counted(i) ? per[static_cast<size_t>(j)] * inv : 0.0;
+  return {};
+}
+
+/// Diagnostics and the aggregated loss from stages 2-4 (objective/diagnostics.hpp).
+inline void summarise(const token_batch& b, const std::vector<uint8_t>& trusted, const applied& a, const std::vector<double>& w,
+                      double normaliser, diagnostics& d) {
+  const index_t n = b.s.size;
+  d = diagnostics{};
+  d.normaliser = normaliser;
+  d.n_tokens = n;
+  double sum_rt = 0, sum_ro = 0, n_rt = 0, n_ro = 0, tv = 0, hs = 0, ht = 0, sk = 0, pk = 0, n_tk = 0, rk = 0;
+  index_t adv_c = 0, ratio_c = 0;
+  for (index_t i = 0; i < n; ++i) {
+    const token_result& r = a.tok[static_cast<size_t>(i)];
+    const double wi = w[static_cast<size_t>(i)];
+    d.loss_trust += wi * r.loss_trust;
+    d.loss_outlier += wi * r.loss_outlier;
+    d.loss_guidance += wi * r.loss_guidance;
+    if (r.flags & flags::counted) ++d.n_counted;
+    if (r.flags & flags::kept) ++d.n_kept;
+    if (b.from[i] == origin::teacher) ++d.n_teacher;
+    if (b.from[i] != origin::student) continue;
+    ++d.n_student;
+    const double R = b.t[i] - (b.s_old.size ? b.s_old[i] : b.s[i]);
+    const bool tr = trusted[static_cast<size_t>(i)] != 0;
+    (tr ? d.n_trusted : d.n_outlier) += 1;
+    if (R == -inf<double>()) ++d.n_zero_teacher_mass;
+    else if (tr) { sum_rt += R; n_rt += 1; }
+    else { sum_ro += R; n_ro += 1; }
+    tv += R >= 0 ? 0.0 : -expm1_(R);
+    if (r.flags & flags::adv_clipped) ++adv_c;
+    if (r.flags & flags::ratio_clipped) ++ratio_c;
+    if (b.student_entropy.size) hs += b.student_entropy[i];
+    if (b.teacher_entropy.size) ht += b.teacher_entropy[i];
+    if (b.rkl.size) rk += b.rkl[i];  // +inf stays +inf: the true mean
+    if (r.teacher_mass > 0) { sk += r.teacher_mass; pk += r.student_mass; n_tk += 1; }
+  }
+  const double ns = double(d.n_student);
+  const double nan = quiet_nan<double>();
+  d.trust_fraction = ns > 0 ? double(d.n_trusted) / ns : nan;
+  d.outlier_fraction = ns > 0 ? double(d.n_outlier) / ns : nan;
+  d.adv_clip_fraction = ns > 0 ? double(adv_c) / ns : nan;
+  d.ratio_clip_fraction = ns > 0 ? double(ratio_c) / ns : nan;
+  d.mean_R_trusted = n_rt > 0 ? sum_rt / n_rt : nan;
+  d.mean_R_outlier = n_ro > 0 ? sum_ro / n_ro : nan;
+  d.tv_estimate = ns > 0 ? tv / ns : nan;
+  d.mean_student_entropy = (ns > 0 && b.student_entropy.size) ? hs / ns : nan;
+  d.mean_teacher_entropy = (ns > 0 && b.teacher_entropy.size) ? ht / ns : nan;
+  d.mean_rkl = (ns > 0 && b.rkl.size) ? rk / ns : nan;
+  d.mean_topk_teacher_mass = n_tk > 0 ? sk / n_tk : nan;
+  d.mean_topk_student_mass = n_tk > 0 ? pk / n_tk : nan;
+  d.loss = d.loss_trust + d.loss_outlier + d.loss_guidance;
+}
+
+/// Everything stages 1-4 produce for a batch.
+struct token_stages {
+  std::vector<origin> from;       ///< the origin tags after input_policy::mask
+  token_batch batch;              ///< the caller's batch with `from` pointing at the tags above
+  std::vector<uint8_t> trusted;   ///< stage 2
+  applied a;                      ///< stage 3
+  std::vector<double> w;          ///< stage 4: aggregation weights
+  double normaliser = 0;
+  diagnostics diag;               ///< loss and diagnostics (without a dense term's part)
+};
+
+/// Stages 1-4 over a batch (the core of evaluate_tokens and evaluate_rows). Nothing of the
+/// caller's is written. After the structure checks (whatever the input policy), two checks of
+/// the entry point: `topk_width` >= 0 is the top-k width the objective's k must equal
+/// (token level), and `out` (if given) the per-token outputs' shapes.
+template <class Obj>
+status run_token_stages(const Obj& obj, const token_batch& b, const eval_options& opt, token_stages& st, index_t topk_width = -1,
+                        const token_outputs* out = nullptr) {
+  st.batch = b;
+  index_t n_masked = 0;
+  TROPD_TRY(detail::validate_structure(obj, b));
+  if constexpr (Obj::outlier_type::needs_topk)
+    if (topk_width >= 0) TROPD_TRY(detail::check_topk_width(obj, topk_width));
+  if (out) TROPD_TRY(detail::check_token_outputs(*out, b.s.size, b.topk_ids.cols));
+  if (opt.bad_input == input_policy::mask) {
+    TROPD_TRY(mask_bad_tokens(obj, b, st.from, n_masked, false));
+    st.batch.from = {st.from.data(), b.s.size};
+  } else {
+    for (index_t i = 0; i < b.s.size; ++i) TROPD_TRY(rules::check_token_values(b, i, Obj::outlier_type::needs_topk));
+  }
+  TROPD_TRY(decide(obj, st.batch, opt, st.trusted));
+  TROPD_TRY(apply(obj, st.batch, st.trusted, st.a));
+  TROPD_TRY(aggregate_weights(obj, st.batch, st.a, st.w, st.normaliser));
+  summarise(st.batch, st.trusted, st.a, st.w, st.normaliser, st.diag);
+  st.diag.n_masked_input = n_masked;
+  return {};
+}
+
+namespace detail {
+
+/// Token i's weighted sparse terms (the top-k entries with coefficients w g_k and the tail
+/// terms; no sampled-token entry): how its dL_i/d log p_S at the top-k ids is written.
+inline double folded_topk(const token_batch& b, const applied& a, index_t i, index_t k) {
+  const token_result& r = a.tok[static_cast<size_t>(i)];
+  double g = a.g_topk[static_cast<size_t>(i * a.K + k)];
+  if (r.topk_grad && r.topk_tail_coef != 0 && b.topk_teacher(i, k) != -inf<double>()) g += r.topk_tail_coef * exp_(b.topk_student(i, k));
+  return g;
+}
+
+/// Checks, before anything is written, that every weighted per-token output and every
+/// gradient entry it induces fits `limit` (the largest finite value of the narrowest output
+/// written): a finite double that overflows is an error, never a silent inf.
+inline status check_output_range(const token_batch& b, const applied& a, const std::vector<double>& w, double limit) {
+  for (index_t i = 0; i < b.s.size; ++i) {
+    const token_result& r = a.tok[static_cast<size_t>(i)];
+    const double wi = abs_(w[static_cast<size_t>(i)]);
+    // A dense gradient entry is at most |g_j| + p_j |P_j| (core/sparse_terms.hpp).
+    double sum_abs = abs_(r.dloss_ds), folded = 0;
+    for (index_t k = 0; k < a.K; ++k) {
+      sum_abs += abs_(a.g_topk[static_cast<size_t>(i * a.K + k)]);
+      folded = max_(folded, abs_(folded_topk(b, a, i, k)));
+    }
+    const double mag = wi * (2.0 * sum_abs + 2.0 * abs_(r.topk_tail_teacher));
+    if (!(mag <= limit) || !(wi * folded <= limit) || !(abs_(r.advantage) <= limit) || !(abs_(r.loss) <= limit))
+      return make_error(errc::infinite_divergence,
+                        "a per-token loss, advantage or gradient overflows its output type (e.g. rho = exp(s - s_old) too large)", i);
+  }
+  return {};
+}
+
+/// The largest finite value of the narrowest per-token output that will be written.
+inline double output_limit(const token_outputs& o, double limit = max_finite(scalar_type::f64)) {
+  if (o.dloss_ds.size) limit = min_(limit, max_finite(o.dloss_ds.type));
+  if (o.advantage.size) limit = min_(limit, max_finite(o.advantage.type));
+  if (o.dloss_dtopk.rows) limit = min_(limit, max_finite(o.dloss_dtopk.type));
+  return limit;
+}
+
+inline void write_token_outputs(const token_batch& b, const applied& a, const std::vector<double>& w, const token_outputs& o) {
+  for (index_t i = 0; i < b.s.size; ++i) {
+    const token_result& r = a.tok[static_cast<size_t>(i)];
+    const double wi = w[static_cast<size_t>(i)];
+    if (o.dloss_ds.size) o.dloss_ds.set(i, wi * r.dloss_ds);
+    if (o.advantage.size) o.advantage.set(i, r.advantage);
+    if (o.flags.size) o.flags[i] = r.flags;
+    if (o.dloss_dtopk.rows)
+      for (index_t k = 0; k < a.K; ++k) o.dloss_dtopk.set(i, k, wi * folded_topk(b, a, i, k));
+  }
+}
+
+}  // namespace detail
+
+}  // namespace tropd::host
