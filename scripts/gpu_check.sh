@@ -91,6 +91,13 @@ if ! NVCC=$(find_nvcc); then
   echo "gpu_check.sh: nvcc not found (not CUDACXX, not on PATH, not under \$CUDA_HOME or /usr/local/cuda)" >&2
   exit 1
 fi
+SAN=$(command -v compute-sanitizer 2>/dev/null || true)
+[[ -z $SAN && -x $(dirname "$NVCC")/compute-sanitizer ]] && SAN=$(dirname "$NVCC")/compute-sanitizer
+if [[ -z $SAN ]]; then  # packed by TROPD_PACK_SANITIZER=1 scripts/pack_gpu_deps.sh and carried
+  for s in "${TROPD_GPU_SANITIZER_DIR:-build/gpu-sanitizer}"/nvidia/*/bin/compute-sanitizer; do
+    [[ -x $s ]] && SAN=$s
+  done
+fi
 stamp "facts"
 {
   if [[ $have_gpu -eq 1 ]]; then
@@ -101,6 +108,7 @@ stamp "facts"
   echo "nvcc: $NVCC ($("$NVCC" --version | grep -o 'release [0-9.]*' | head -n 1))"
   echo "host compiler: $(${CXX:-c++} --version 2>/dev/null | head -n 1)"
   echo "cmake: $(cmake --version | head -n 1); ninja: $(ninja --version 2>/dev/null || echo none); cores: $(nproc 2>/dev/null)"
+  echo "compute-sanitizer: ${SAN:-none (carry build/gpu-sanitizer: TROPD_PACK_SANITIZER=1 scripts/pack_gpu_deps.sh)}"
 } 2>&1 | tee "$LOG_DIR/facts.log"
 
 ARCH=${TROPD_CUDA_ARCH:-}
@@ -198,8 +206,6 @@ fi
 
 # ---- 6. compute-sanitizer on small cases ---------------------------------------------------------
 san_rc=0
-SAN=$(command -v compute-sanitizer 2>/dev/null || true)
-[[ -z $SAN && -x $(dirname "$NVCC")/compute-sanitizer ]] && SAN=$(dirname "$NVCC")/compute-sanitizer
 tests_bin=$BUILD/bin/tropd-gpu-tests
 for tool in $SANITIZERS; do
   t=$(( $(left) - 10 ))

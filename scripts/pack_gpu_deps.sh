@@ -17,12 +17,18 @@
 # Google Benchmark is NOT packed (a compiled library; the GPU benchmark has its own main):
 # CMake uses it where it is installed and skips the benchmarks that need it elsewhere.
 #
+# compute-sanitizer, which this image's CUDA toolkit lacks (and a GPU machine's may too), is
+# packed on request into a second folder, build/gpu-sanitizer (about 40 MB, from PyPI's
+# nvidia-cuda-sanitizer-api for the toolkit's major.minor version): TROPD_PACK_SANITIZER=1.
+# scripts/gpu_check.sh uses it when the toolkit there has none.
+#
 # Use: bash scripts/pack_gpu_deps.sh, then configure with
 #   -DCMAKE_PREFIX_PATH="$PWD/build/gpu-deps"
 # (scripts/gpu_check.sh does so whenever the folder exists). On the device, carry
 # "build/gpu-deps" (about 7 MB; the carry limit is 64 MiB). build/ is git-ignored.
 #
-# Environment: TROPD_GPU_DEPS_DIR (default build/gpu-deps), EIGEN3_CMAKE_DIR (the folder of
+# Environment: TROPD_GPU_DEPS_DIR (default build/gpu-deps), TROPD_PACK_SANITIZER (1: also
+# build/gpu-sanitizer, or TROPD_GPU_SANITIZER_DIR), EIGEN3_CMAKE_DIR (the folder of
 # Eigen3Config.cmake), DOCTEST_INCLUDE_DIR (the folder holding doctest/doctest.h).
 # Idempotent: when the STAMP matches, nothing is copied. Exit status non-zero if a
 # dependency is missing here.
@@ -35,6 +41,28 @@ die() {
   echo "pack_gpu_deps.sh: $*" >&2
   exit 1
 }
+
+# ---- compute-sanitizer (optional) ------------------------------------------------------------
+if [[ ${TROPD_PACK_SANITIZER:-0} == 1 ]]; then
+  san_out=${TROPD_GPU_SANITIZER_DIR:-build/gpu-sanitizer}
+  nvcc=$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")
+  cuda_ver=$("$nvcc" --version 2>/dev/null | grep -oE 'release [0-9]+\.[0-9]+' | awk '{ print $2 }')
+  [[ -n $cuda_ver ]] || die "TROPD_PACK_SANITIZER=1: nvcc not found (the sanitizer is packed for its version)"
+  if [[ -f $san_out/STAMP && "$(cat "$san_out/STAMP")" == "nvidia-cuda-sanitizer-api $cuda_ver" ]]; then
+    echo "pack_gpu_deps.sh: $san_out is up to date (compute-sanitizer for CUDA $cuda_ver)"
+  else
+    rm -rf "$san_out.tmp"
+    python3 -m pip install -q --disable-pip-version-check --no-deps --target "$san_out.tmp" \
+      "nvidia-cuda-sanitizer-api==$cuda_ver.*" || die "pip could not install nvidia-cuda-sanitizer-api==$cuda_ver.*"
+    ls "$san_out.tmp"/nvidia/*/bin/compute-sanitizer >/dev/null 2>&1 ||
+      die "nvidia-cuda-sanitizer-api has no nvidia/*/bin/compute-sanitizer"
+    rm -rf "$san_out.tmp"/nvidia/*/include "$san_out.tmp"/bin  # headers and pip's entry scripts are not needed
+    echo "nvidia-cuda-sanitizer-api $cuda_ver" >"$san_out.tmp/STAMP"
+    rm -rf "$san_out"
+    mv "$san_out.tmp" "$san_out"
+    echo "pack_gpu_deps.sh: packed $san_out (compute-sanitizer for CUDA $cuda_ver, $(du -sh "$san_out" | cut -f1))"
+  fi
+fi
 
 # ---- locate Eigen (its package config computes the include dir as <prefix>/include/eigen3) --
 eigen_cmake=""
@@ -82,7 +110,7 @@ rm -rf "$tmp"
 trap 'rm -rf "$tmp"' EXIT
 mkdir -p "$tmp/include/eigen3" "$tmp/share/eigen3/cmake" "$tmp/include/doctest" "$tmp/lib/cmake/doctest"
 
-cp -R "$eigen_inc/Eigen" "$tmp/include/eigen3/"
+cp -Rp "$eigen_inc/Eigen" "$tmp/include/eigen3/"
 [[ -f $eigen_inc/signature_of_eigen3_matrix_library ]] && cp "$eigen_inc/signature_of_eigen3_matrix_library" "$tmp/include/eigen3/"
 for f in Eigen3Config.cmake Eigen3ConfigVersion.cmake Eigen3Targets.cmake; do
   cp "$eigen_cmake/$f" "$tmp/share/eigen3/cmake/"
@@ -93,7 +121,7 @@ for f in "$eigen_cmake"/Eigen3Targets-*.cmake; do
   [[ -f $f ]] && cp "$f" "$tmp/share/eigen3/cmake/"
 done
 
-cp "$doctest_inc/doctest/doctest.h" "$tmp/include/doctest/"
+cp -p "$doctest_inc/doctest/doctest.h" "$tmp/include/doctest/"
 cat >"$tmp/lib/cmake/doctest/doctestConfig.cmake" <<'EOF'
 # doctest (header only), packed by tropd's scripts/pack_gpu_deps.sh. Relocatable: the prefix
 # is three levels above this file (<prefix>/lib/cmake/doctest), wherever it was copied to.
