@@ -25,7 +25,8 @@
 # Use: bash scripts/pack_gpu_deps.sh, then configure with
 #   -DCMAKE_PREFIX_PATH="$PWD/build/gpu-deps"
 # (scripts/gpu_check.sh does so whenever the folder exists). On the device, carry
-# "build/gpu-deps" (about 7 MB; the carry limit is 64 MiB). build/ is git-ignored.
+# "build/gpu-deps" (about 7 MB) and, if packed, "build/gpu-sanitizer" (about 40 MB; the
+# working tree and the carried folders may take 64 MiB in all). build/ is git-ignored.
 #
 # Environment: TROPD_GPU_DEPS_DIR (default build/gpu-deps), TROPD_PACK_SANITIZER (1: also
 # build/gpu-sanitizer, or TROPD_GPU_SANITIZER_DIR), EIGEN3_CMAKE_DIR (the folder of
