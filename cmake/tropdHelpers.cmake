@@ -73,6 +73,17 @@ function(tropd_native_arch target)
   endif()
 endfunction()
 
+# Options of tropd's own CUDA targets: C++20 for nvcc (CMake 3.25 does not know cuda_std_20
+# for nvcc 13, so the flag is passed directly) and, with TROPD_CUDA_LINEINFO, -lineinfo: a
+# source-line table in the binary (no change to the generated SASS), read by compute-sanitizer,
+# Nsight Compute and scripts/gpu_counts.sh.
+function(tropd_cuda_options target)
+  target_compile_options(${target} PRIVATE "$<$<COMPILE_LANGUAGE:CUDA>:-std=c++20>")
+  if(TROPD_CUDA_LINEINFO)
+    target_compile_options(${target} PRIVATE "$<$<COMPILE_LANGUAGE:CUDA>:-lineinfo>")
+  endif()
+endfunction()
+
 # Everything a tropd-owned target gets: strict C++20 (no GNU extensions),
 # warnings and sanitizers.
 function(tropd_project_target target)

@@ -6,9 +6,10 @@
 #            (unit, compile_fail, install tests)
 #   asan     clang++ with TROPD_SANITIZE=address,undefined in build/asan;
 #            runs tropd-tests only (ctest -L unit)
-#   cuda     TROPD_ENABLE_CUDA=ON in build/cuda (needs nvcc): builds every CUDA
-#            target (tropd-cuda-all: each .cu for sm_80 and sm_90), then
-#            ctest -L gpu, which is skipped (exit 77) on a machine without a GPU
+#   cuda     TROPD_ENABLE_CUDA=ON in build/cuda (needs nvcc), configured as on a bare
+#            GPU machine (scripts/pack_gpu_deps.sh's prefix, system package paths
+#            hidden): builds every CUDA target (tropd-cuda-all: each .cu for sm_80
+#            and sm_90), then ctest -L gpu, which is skipped (exit 77) without a GPU
 #   tsan     clang++ with TROPD_SANITIZE=thread in build/tsan; builds only
 #            tropd-concurrency-tests (tests/test_concurrency.cpp) and runs it
 #            (ctest -L concurrency, doctest filter -tc='*concurrency*')
@@ -125,10 +126,22 @@ stage_cuda() {
     notes+=("$msg")
     return
   fi
+  # Configured as on a bare GPU machine (docs/gpu.md): Eigen and doctest only from the packed
+  # prefix build/gpu-deps (scripts/pack_gpu_deps.sh, what the device run carries), the system
+  # package paths hidden, the dependencies found again at every run (-U...), the tools named
+  # explicitly (CMake no longer searches PATH). So every run proves the bare configure at no
+  # extra build cost. Warnings stay errors here: this is the compiler CI is written for.
   # CUDACXX only matters for the first configure of build/cuda (then it is cached).
+  if ! bash scripts/pack_gpu_deps.sh; then
+    note_failure "cuda: scripts/pack_gpu_deps.sh"
+    return
+  fi
   CUDACXX=$nvcc configure_build cuda build/cuda tropd-cuda-all \
-    -DCMAKE_BUILD_TYPE=Release -DTROPD_ENABLE_CUDA=ON \
-    -DTROPD_BUILD_EXAMPLES=OFF || return
+    -DCMAKE_BUILD_TYPE=Release -DTROPD_ENABLE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="80;90" \
+    -DTROPD_BUILD_EXAMPLES=OFF \
+    -DCMAKE_PREFIX_PATH="$PWD/build/gpu-deps" -UEigen3_DIR -Udoctest_DIR -Ubenchmark_DIR \
+    -DCMAKE_FIND_USE_CMAKE_SYSTEM_PATH=OFF -DCMAKE_FIND_USE_SYSTEM_ENVIRONMENT_PATH=OFF \
+    -DCMAKE_MAKE_PROGRAM="$(command -v ninja)" -DCMAKE_CXX_COMPILER="$(command -v "${CXX:-c++}")" || return
   run_ctest cuda build/cuda -L gpu
   if grep -qE 'tropd-gpu-tests \(Skipped\)' "$LOG_DIR/cuda-ctest.log"; then
     notes+=("cuda: every .cu compiled, but the GPU tests were NOT executed (no CUDA device here)")
