@@ -175,8 +175,9 @@ tropd::values_view values(const char* name, const opt_array& a, index_t n, devic
   if (!a) return {};
   dev.check(name, *a);
   check_vector(name, *a, n);
-  if (is_f32(a->dtype())) return tropd::values_view(static_cast<const float*>(a->data()), n);
-  if (is_f64(a->dtype())) return tropd::values_view(static_cast<const double*>(a->data()), n);
+  const index_t size = index_t(a->shape(0));
+  if (is_f32(a->dtype())) return tropd::values_view(static_cast<const float*>(a->data()), size);
+  if (is_f64(a->dtype())) return tropd::values_view(static_cast<const double*>(a->data()), size);
   bad(name, "must be float32 or float64, is " + dtype_name(a->dtype()));
 }
 
