@@ -233,6 +233,24 @@ logits_arg logits(const char* name, const array& a, index_t rows, index_t cols, 
   return {a.data(), index_t(a.shape(0)), index_t(a.shape(1)), row_stride(a), logits_type(name, a.dtype())};
 }
 
+static_assert(sizeof(index_t) == sizeof(int64_t) && sizeof(tropd::origin) == 1);
+
+/// Copies of the offsets and origin tags in tropd's types (see evaluate_rows).
+class host_copies {
+ public:
+  host_copies(tropd::vector_view<const index_t> offs, tropd::vector_view<const tropd::origin> from)
+      : offsets_(static_cast<size_t>(offs.size)), from_(static_cast<size_t>(from.size)) {
+    if (offs.size) std::memcpy(offsets_.data(), offs.data, offsets_.size() * sizeof(index_t));
+    if (from.size) std::memcpy(from_.data(), from.data, from_.size());
+  }
+  tropd::vector_view<const index_t> offsets() const { return {offsets_.data(), index_t(offsets_.size())}; }
+  tropd::vector_view<const tropd::origin> from() const { return {from_.data(), index_t(from_.size())}; }
+
+ private:
+  std::vector<index_t> offsets_;
+  std::vector<tropd::origin> from_;
+};
+
 /// The result of a call: None, or (int(errc), row, column, message) for a failed status
 /// (code -1: no device entry point, NotImplementedError).
 nb::object result(const tropd::status& st, const std::string& spec_error) {
@@ -352,6 +370,12 @@ nb::object evaluate_rows(const std::string& objective, const array& student, con
     }
     return result(st, spec_error);
   }
+  // Host path: the small int64 offsets and uint8 tags are copied into arrays of tropd's own
+  // types (index_t is long long, int64_t is long; tropd::origin is an enum): reading the
+  // caller's memory through the other type would be undefined behaviour by the letter.
+  const host_copies copies(c.in.seq_offsets, c.in.from);
+  c.in.seq_offsets = copies.offsets();
+  c.in.from = copies.from();
   double loss_value = 0;
   tropd::diagnostics diag;
   c.loss = &loss_value;
@@ -450,6 +474,9 @@ nb::object evaluate_tokens(const std::string& objective, const array& s, const a
     }
     return result(st, spec_error);
   }
+  const host_copies copies(b.seq_offsets, b.from);
+  b.seq_offsets = copies.offsets();
+  b.from = copies.from();
   double loss_value = 0;
   tropd::diagnostics diag;
   c.out.loss = &loss_value;
