@@ -18,7 +18,9 @@ shifted from the current ones. Cases:
 
 PyTorch works in fp32 for bf16 inputs (it upcasts, as TRL and verl do) and returns the gradient
 in the logits' dtype, like tropd. Each implementation is timed as loss + backward (the gradient
-of the logits), best of --reps after a warm-up (torch.compile: after compiling). Prints one table
+of the logits), best of --reps after a warm-up (torch.compile: after compiling). The agreement of
+the TrOPD case is checked with the top-k selected by a stable descending sort (tropd's tie rule:
+bf16 teacher logits tie often, and torch.topk orders ties arbitrarily). Prints one table
 row per (case, dtype, implementation), the ratios PyTorch / tropd, and the agreement (relative
 error of the loss, max gradient error over max |gradient|).
 
@@ -60,7 +62,7 @@ def make_inputs(B, T, V, prompt, dtype, device, seed=0):
 # --- idiomatic PyTorch ------------------------------------------------------------------------
 
 
-def torch_tropd(z, u, ids, origin, s_old, trusted, k=64, beta=1e-3):
+def torch_tropd(z, u, ids, origin, s_old, trusted, k=64, beta=1e-3, stable=False):
     ls = F.log_softmax(z.float(), dim=-1)
     lt = F.log_softmax(u.float(), dim=-1)
     s = ls.gather(-1, ids[..., None]).squeeze(-1)
@@ -68,7 +70,11 @@ def torch_tropd(z, u, ids, origin, s_old, trusted, k=64, beta=1e-3):
     student = origin == tropd.STUDENT
     teacher = origin == tropd.TEACHER
     with torch.no_grad():
-        tk_lp, tk_ids = torch.topk(lt, k, dim=-1)
+        if stable:  # ties to the lower id, as tropd selects (bf16 teacher logits tie often)
+            tk_lp, tk_ids = torch.sort(lt, dim=-1, descending=True, stable=True)
+            tk_lp, tk_ids = tk_lp[..., :k], tk_ids[..., :k]
+        else:
+            tk_lp, tk_ids = torch.topk(lt, k, dim=-1)
         lqn = tk_lp - torch.logsumexp(tk_lp, -1, keepdim=True)  # renormalised teacher top-k
         fkl = (lqn.exp() * (lqn - ls.gather(-1, tk_ids))).sum(-1)  # form C: detached
         A = torch.where(trusted, t - s_old, -fkl)
@@ -185,9 +191,16 @@ def main():
                     t_comp, l_comp, g_comp = timed(compiled, x["z"], args.reps, args.device)
                     results.append(("compile", t_comp, l_comp, g_comp))
                 tol_l, tol_g = (1e-4, 1e-4) if dname == "fp32" else (2e-3, 1.6e-2)
+                if case == "tropd":
+                    # The agreement check selects the top-k with tropd's tie rule (torch.topk's
+                    # order among equal values is unspecified); the timed runs use torch.topk.
+                    zz = x["z"].detach().requires_grad_()
+                    l_chk = torch_tropd(zz, x["u"], x["ids"], x["origin"], x["s_old"], trusted, stable=True)
+                    l_chk.backward()
+                    results = [r if r[0] == "tropd" else (r[0], r[1], l_chk.detach(), zz.grad) for r in results]
                 for impl, ms, loss, grad in results:
                     rel_l = abs(loss.double().item() - l_ours.double().item()) / max(abs(l_ours.double().item()), 1e-30)
-                    gd = (grad.double() - g_ours.double()).abs().max().item() / g_ours.double().abs().max().item()
+                    gd = (grad.double() - g_ours.double()).abs().max().item() / max(g_ours.double().abs().max().item(), 1e-30)
                     ok = rel_l <= tol_l and gd <= tol_g
                     if not ok:
                         worst.append(f"{case}/{dname}/{impl}: loss rel {rel_l:.2e}, grad {gd:.2e}")
