@@ -122,3 +122,20 @@ def test_low_precision_logits(dtype, cfg):
     g, g64 = z.grad.double(), z64.grad
     bound = rel * g64.abs() + 1e-6 * g64.abs().max() + abs_
     assert ((g - g64).abs() <= bound).all(), float(((g - g64).abs() - bound).max())
+
+
+def test_gradient_accumulation_across_calls():
+    """Two losses backwarded in turn (gradient accumulation), one of them twice through a retained
+    graph: z.grad is the sum, whatever autograd does with the returned gradient buffers."""
+    b = padded_batch(seed=36)
+    cfg = tropd.presets.tropd(k=4)
+    z = b["z"].clone().requires_grad_()
+    l1, _ = tt.distill_loss(z, b["ids"], b["origin"], objective=cfg, teacher_logits=b["u"], seed=1)
+    l2, _ = tt.distill_loss(z, b["ids"], b["origin"], objective=tropd.presets.opd(), teacher_logits=b["u"])
+    (g1,) = torch.autograd.grad(l1, z, retain_graph=True)
+    (g2,) = torch.autograd.grad(l2, z, retain_graph=True)
+    g1, g2 = g1.clone(), g2.clone()
+    l1.backward(retain_graph=True)
+    l2.backward()
+    l1.backward()
+    torch.testing.assert_close(z.grad, 2 * g1 + g2, rtol=1e-14, atol=1e-15)

@@ -34,6 +34,7 @@ import math
 from typing import Optional, Union
 
 import torch
+from torch.utils.dlpack import to_dlpack as _to_dlpack
 
 from . import _C, presets as _presets
 from ._core import DIAGNOSTIC_NAMES, PROMPT, STUDENT, TEACHER
@@ -104,9 +105,11 @@ torch.library.define("tropd::rows", ROWS_SCHEMA)
 torch.library.define("tropd::tokens", TOKENS_SCHEMA)
 
 
-def _d(t: Optional[Tensor]) -> Optional[Tensor]:
-    """A tensor as DLPack can export it (no autograd history)."""
-    return None if t is None else t.detach()
+def _d(t: Optional[Tensor]):
+    """A tensor as the extension takes it: a DLPack capsule of the detached tensor.
+    (torch.utils.dlpack.to_dlpack, not Tensor.__dlpack__: the latter makes the default CUDA
+    stream wait on the current one for every tensor; a capsule carries no stream logic.)"""
+    return None if t is None else _to_dlpack(t.detach())
 
 
 def _normaliser_value(normaliser: Optional[Tensor]) -> float:
@@ -142,10 +145,11 @@ def _rows_impl(student_logits, teacher_logits, teacher_token_logprobs, token_ids
     else:
         norm, scratch = _normaliser_value(normaliser), None
     st = _C.evaluate_rows(
-        objective, _d(student_logits), _d(teacher_logits), _d(teacher_token_logprobs), token_ids, origin, seq_offsets,
-        sequence_ids, _d(old_logprobs), _d(ref_logprobs), teacher_topk_ids, _d(teacher_topk_logprobs),
-        _d(old_topk_logprobs), g, loss, stats, flags, adv, None, int(seed), int(step), float(student_temperature),
-        float(teacher_temperature), norm, torch.get_num_threads(), bool(mask_bad_input), scratch, _cuda_stream(student_logits),
+        objective, _d(student_logits), _d(teacher_logits), _d(teacher_token_logprobs), _d(token_ids), _d(origin),
+        _d(seq_offsets), _d(sequence_ids), _d(old_logprobs), _d(ref_logprobs), _d(teacher_topk_ids),
+        _d(teacher_topk_logprobs), _d(old_topk_logprobs), _d(g), _d(loss), _d(stats), _d(flags), _d(adv), None, int(seed),
+        int(step), float(student_temperature), float(teacher_temperature), norm, torch.get_num_threads(),
+        bool(mask_bad_input), _d(scratch), _cuda_stream(student_logits),
     )  # fmt: skip
     raise_status(st, seq_offsets if seq_offsets.device.type == "cpu" else None)
     if g is None:
@@ -179,12 +183,28 @@ def _rows_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(g, stats, flags, adv)
 
 
+def _is_eager_cpu_one(x: Tensor) -> bool:
+    """grad_output is a plain CPU tensor holding 1 (the usual loss.backward()), outside any tracing
+    (torch.compile / make_fx see tensor subclasses) and outside functorch transforms."""
+    if type(x) is not torch.Tensor or x.device.type != "cpu" or x.requires_grad or x.numel() != 1:
+        return False
+    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    if wrapped is not None and wrapped(x):
+        return False
+    return x.item() == 1.0
+
+
 def _rows_backward(ctx, grad_loss, grad_g, grad_stats, grad_flags, grad_adv):
     (g,) = ctx.saved_tensors
     if g.dim() != 2:
         raise RuntimeError("tropd: backward through a loss computed without its gradient (compute_grad=False)")
-    grad_student = g * grad_loss.to(g.dtype)
-    return (grad_student,) + (None,) * 19
+    # The saved gradient is the answer when grad_output is 1: returned as is, it saves an [n x V]
+    # allocation and pass (autograd never writes into a gradient another node still holds; once
+    # this node's saved tensors are released, AccumulateGrad may adopt it without a copy). On
+    # CUDA and under tracing the multiply always runs (no host read of grad_output).
+    if _is_eager_cpu_one(grad_loss):
+        return (g,) + (None,) * 19
+    return (g * grad_loss.to(g.dtype),) + (None,) * 19
 
 
 torch.library.register_autograd("tropd::rows", _rows_backward, setup_context=_rows_setup_context)
@@ -211,10 +231,10 @@ def _tokens_impl(student_logprobs, teacher_logprobs, origin, seq_offsets, sequen
     else:
         norm, scratch = _normaliser_value(normaliser), None
     st = _C.evaluate_tokens(
-        objective, _d(student_logprobs), _d(teacher_logprobs), origin, seq_offsets, sequence_ids, _d(old_logprobs),
-        _d(student_entropy), _d(teacher_entropy), _d(rkl), _d(ref_logprobs), teacher_topk_ids,
-        _d(teacher_topk_logprobs), _d(student_topk_logprobs), _d(old_topk_logprobs), loss, stats, dlds,
-        dldk if K > 0 else None, flags, adv, int(seed), int(step), norm, bool(mask_bad_input), scratch,
+        objective, _d(student_logprobs), _d(teacher_logprobs), _d(origin), _d(seq_offsets), _d(sequence_ids),
+        _d(old_logprobs), _d(student_entropy), _d(teacher_entropy), _d(rkl), _d(ref_logprobs), _d(teacher_topk_ids),
+        _d(teacher_topk_logprobs), _d(student_topk_logprobs), _d(old_topk_logprobs), _d(loss), _d(stats), _d(dlds),
+        _d(dldk) if K > 0 else None, _d(flags), _d(adv), int(seed), int(step), norm, bool(mask_bad_input), _d(scratch),
         _cuda_stream(student_logprobs),
     )  # fmt: skip
     raise_status(st, seq_offsets if seq_offsets.device.type == "cpu" else None)
