@@ -183,27 +183,14 @@ def _rows_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(g, stats, flags, adv)
 
 
-def _is_eager_cpu_one(x: Tensor) -> bool:
-    """grad_output is a plain CPU tensor holding 1 (the usual loss.backward()), outside any tracing
-    (torch.compile / make_fx see tensor subclasses) and outside functorch transforms."""
-    if type(x) is not torch.Tensor or x.device.type != "cpu" or x.requires_grad or x.numel() != 1:
-        return False
-    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    if wrapped is not None and wrapped(x):
-        return False
-    return x.item() == 1.0
-
-
 def _rows_backward(ctx, grad_loss, grad_g, grad_stats, grad_flags, grad_adv):
     (g,) = ctx.saved_tensors
     if g.dim() != 2:
         raise RuntimeError("tropd: backward through a loss computed without its gradient (compute_grad=False)")
-    # The saved gradient is the answer when grad_output is 1: returned as is, it saves an [n x V]
-    # allocation and pass (autograd never writes into a gradient another node still holds; once
-    # this node's saved tensors are released, AccumulateGrad may adopt it without a copy). On
-    # CUDA and under tracing the multiply always runs (no host read of grad_output).
-    if _is_eager_cpu_one(grad_loss):
-        return (g,) + (None,) * 19
+    # Always a new tensor, even for grad_output = 1: handing autograd the saved gradient itself
+    # lets AccumulateGrad adopt it as .grad and add later gradients into it in place, which breaks
+    # a second backward through a retained graph (tests/test_autograd.py). The multiply costs one
+    # [n x V] pass and allocation (docs/performance.md).
     return (g * grad_loss.to(g.dtype),) + (None,) * 19
 
 
