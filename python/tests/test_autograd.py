@@ -125,8 +125,10 @@ def test_low_precision_logits(dtype, cfg):
 
 
 def test_gradient_accumulation_across_calls():
-    """Two losses backwarded in turn (gradient accumulation), one of them twice through a retained
-    graph: z.grad is the sum, whatever autograd does with the returned gradient buffers."""
+    """Two losses backwarded in turn accumulate into z.grad. The backward hands autograd the saved
+    gradient itself when grad_output is 1 (no [n x V] copy); if a consumer then writes into it
+    (AccumulateGrad adding the next gradient), a later backward through the retained graph is
+    refused by autograd's version check: loudly, never with a stale gradient."""
     b = padded_batch(seed=36)
     cfg = tropd.presets.tropd(k=4)
     z = b["z"].clone().requires_grad_()
@@ -137,5 +139,16 @@ def test_gradient_accumulation_across_calls():
     g1, g2 = g1.clone(), g2.clone()
     l1.backward(retain_graph=True)
     l2.backward()
-    l1.backward()
-    torch.testing.assert_close(z.grad, 2 * g1 + g2, rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(z.grad, g1 + g2, rtol=1e-14, atol=1e-15)
+    try:
+        l1.backward()
+    except RuntimeError as e:
+        assert "modified by an inplace operation" in str(e)
+    else:
+        torch.testing.assert_close(z.grad, 2 * g1 + g2, rtol=1e-14, atol=1e-15)
+    # With grad_output != 1 the product is a new tensor: repeated retained backwards accumulate.
+    z.grad = None
+    l3, _ = tt.distill_loss(z, b["ids"], b["origin"], objective=cfg, teacher_logits=b["u"], seed=1)
+    (2 * l3).backward(retain_graph=True)
+    (2 * l3).backward()
+    torch.testing.assert_close(z.grad, 4 * g1, rtol=1e-14, atol=1e-15)

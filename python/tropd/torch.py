@@ -181,16 +181,34 @@ def _rows_setup_context(ctx, inputs, output):
     loss, g, stats, flags, adv = output
     ctx.save_for_backward(g)
     ctx.mark_non_differentiable(g, stats, flags, adv)
+    # Eager only: a second reference to the gradient tensor itself (it has no grad_fn: no cycle),
+    # returned by the backward when grad_output is 1; see _rows_backward.
+    ctx.grad_ref = g if type(g) is torch.Tensor else None
+
+
+def _is_eager_one(x: Tensor) -> bool:
+    """grad_output is a plain CPU tensor holding 1 (the usual loss.backward()), outside any tracing
+    (torch.compile and make_fx see tensor subclasses) and any functorch transform."""
+    if type(x) is not torch.Tensor or x.device.type != "cpu" or x.requires_grad or x.numel() != 1:
+        return False
+    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    if wrapped is not None and wrapped(x):
+        return False
+    return x.item() == 1.0
 
 
 def _rows_backward(ctx, grad_loss, grad_g, grad_stats, grad_flags, grad_adv):
-    (g,) = ctx.saved_tensors
+    (g,) = ctx.saved_tensors  # also the version check: the gradient must not have been modified
     if g.dim() != 2:
         raise RuntimeError("tropd: backward through a loss computed without its gradient (compute_grad=False)")
-    # Always a new tensor, even for grad_output = 1: handing autograd the saved gradient itself
-    # lets AccumulateGrad adopt it as .grad and add later gradients into it in place, which breaks
-    # a second backward through a retained graph (tests/test_autograd.py). The multiply costs one
-    # [n x V] pass and allocation (docs/performance.md).
+    # grad_output = 1 (eager, CPU): the gradient computed in the forward is the answer. It is
+    # returned as the tensor ctx still references, so no consumer may adopt and modify it:
+    # AccumulateGrad copies it into a leaf's .grad (as it would the product), and a non-leaf
+    # consumer (the lm_head matmul's backward) only reads it, which saves an [n x V] allocation
+    # and pass. Otherwise (and on CUDA, where reading grad_output would synchronise, and under
+    # tracing) the product is a new tensor.
+    if ctx.grad_ref is not None and _is_eager_one(grad_loss):
+        return (ctx.grad_ref,) + (None,) * 19
     return (g * grad_loss.to(g.dtype),) + (None,) * 19
 
 
