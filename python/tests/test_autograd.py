@@ -152,3 +152,24 @@ def test_gradient_accumulation_across_calls():
     (2 * l3).backward(retain_graph=True)
     (2 * l3).backward()
     torch.testing.assert_close(z.grad, 4 * g1, rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_16bit_gradient_is_the_rounded_fp32_gradient(dtype):
+    """For 16-bit logits tropd writes the fp32 gradient and rounds it in place (round to nearest
+    even, tropd's conversions): the result equals torch's rounding of the same fp32 gradient, bit
+    for bit, and is a [n, V] view with row stride 2V over the fp32 buffer (no second buffer)."""
+    b = padded_batch(B=2, T=5, V=301, seed=37)
+    z = (b["z"] * 3).to(dtype)
+    u = b["u"].to(dtype)
+    cfg = tropd.presets.tropd(k=4, beta=0.05)
+    n, V = 10, 301
+    g32 = torch.empty(n, V, dtype=torch.float32)
+    ids = torch.where(b["origin"] == tropd.PROMPT, 0, b["ids"]).reshape(n).to(torch.int32)
+    tropd.evaluate_rows(cfg, z.reshape(n, V), ids, b["origin"].reshape(n).to(torch.uint8), torch.arange(0, n + 1, 5),
+                        teacher_logits=u.reshape(n, V), old_logprobs=b["s_old"].reshape(n).float(), grad=g32, seed=2)  # fmt: skip
+    zz = z.clone().requires_grad_()
+    loss, _ = tt.distill_loss(zz, b["ids"], b["origin"], objective=cfg, teacher_logits=u, old_logprobs=b["s_old"], seed=2)
+    (g,) = torch.autograd.grad(loss, zz)
+    assert g.dtype == dtype and g.stride() == (5 * 2 * V, 2 * V, 1)
+    assert torch.equal(g.reshape(n, V).view(torch.int16), g32.to(dtype).view(torch.int16))

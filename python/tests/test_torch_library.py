@@ -39,7 +39,7 @@ def _rows_args(cfg, b, compute_grad=True, served=False):
     else:
         teacher = (b["u"].reshape(n, V), None)
         lists = (None, None)
-    return (z, *teacher, ids, origin, offs, None, _both_regions(b).reshape(n), None, *lists, None, torch.tensor(7.0, dtype=torch.float64),
+    return (z, *teacher, ids, origin, offs, None, _both_regions(b).reshape(n).double(), None, *lists, None, torch.tensor(7.0, dtype=torch.float64),
             cfg.spec(), 3, 4, 1.0, 1.0, False, compute_grad)  # fmt: skip
 
 
@@ -49,6 +49,14 @@ def test_opcheck_rows():
     for args in (_rows_args(cfg, b), _rows_args(cfg, b, compute_grad=False)):
         result = torch.library.opcheck(torch.ops.tropd.rows.default, args)
         assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def test_opcheck_rows_bf16():
+    """16-bit logits: the gradient output is a strided view (row stride 2V) in eager and fake mode."""
+    b = padded_batch(B=2, T=4, V=9, seed=44)
+    b = dict(b, z=b["z"].to(torch.bfloat16), u=b["u"].to(torch.bfloat16))
+    result = torch.library.opcheck(torch.ops.tropd.rows.default, _rows_args(tropd.presets.tropd(k=3, beta=0.05), b))
+    assert all(v == "SUCCESS" for v in result.values()), result
 
 
 def test_opcheck_tokens():

@@ -155,8 +155,18 @@ def _rows_impl(student_logits, teacher_logits, teacher_token_logprobs, token_ids
     if g is None:
         g = student_logits.new_empty((0,))
     elif g.dtype != student_logits.dtype:
-        g = g.to(student_logits.dtype)  # bf16 / fp16 logits: one rounding; the fp32 buffer is freed here
+        g = _narrow(g, student_logits.dtype)
     return loss, g, stats, flags, adv
+
+
+def _narrow(g: Tensor, dtype: torch.dtype) -> Tensor:
+    """The fp32 gradient of 16-bit logits rounded to their dtype in place: a [n, V] view with row
+    stride 2V over the fp32 buffer (no second [n, V] allocation; the peak is the fp32 buffer)."""
+    n, V = g.shape
+    if g.device.type == "cpu":
+        _C.narrow_rows(_d(g), "bfloat16" if dtype == torch.bfloat16 else "float16", torch.get_num_threads())
+        return g.view(dtype)[:, :V]
+    return g.to(dtype)  # (the CUDA path: a device kernel once the backend is bound)
 
 
 torch.library.impl("tropd::rows", "CPU")(_rows_impl)
@@ -170,7 +180,12 @@ def _rows_fake(student_logits, teacher_logits, teacher_token_logprobs, token_ids
     n, V = student_logits.shape
     gdt = _grad_type(student_logits.dtype)
     loss = student_logits.new_empty((), dtype=gdt)
-    g = student_logits.new_empty((n, V) if compute_grad else (0,))
+    if not compute_grad:
+        g = student_logits.new_empty((0,))
+    elif gdt != student_logits.dtype and student_logits.device.type == "cpu":
+        g = student_logits.new_empty_strided((n, V), (2 * V, 1))  # see _narrow
+    else:
+        g = student_logits.new_empty((n, V))
     stats = student_logits.new_empty((_NSTATS,), dtype=torch.float64)
     flags = student_logits.new_empty((n,), dtype=torch.uint8)
     adv = student_logits.new_empty((n,), dtype=gdt)
