@@ -16,7 +16,6 @@
 // (python/tropd/_errors.py); "no device entry point" raises NotImplementedError.
 #include <stdint.h>
 
-#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <optional>
@@ -494,38 +493,6 @@ nb::object evaluate_tokens(const std::string& objective, const array& s, const a
   return result(st, spec_error);
 }
 
-/// Rounds an fp32 gradient [n x V] (contiguous rows) to bf16 or fp16 in place, with tropd's own
-/// conversions (core/types.hpp, round to nearest even): row r's 16-bit values are written over
-/// the first 2V bytes of row r's fp32 storage, so the caller reads them as a [n x V] view with
-/// row stride 2V and no second [n x V] buffer is allocated. Blocks of 16 elements are copied
-/// through locals, so no pointer ever reads storage another type wrote (no aliasing games), and
-/// a block's stores (bytes [2j, 2j + 32)) never reach values not yet read ([4j + 64, ...)).
-void narrow_rows(const out_array& grad, const std::string& to, int threads) {
-  check_matrix("grad", grad, -1, -1);
-  if (!is_f32(grad.dtype())) bad("grad", "must be float32");
-  if (grad.device_type() != dev_cpu) bad("grad", "must be a CPU array");
-  const bool bf = to == "bfloat16";
-  if (!bf && to != "float16") bad("to", "must be 'bfloat16' or 'float16'");
-  const index_t n = index_t(grad.shape(0)), V = index_t(grad.shape(1)), stride = row_stride(grad);
-  unsigned char* base = static_cast<unsigned char*>(grad.data());
-  nb::gil_scoped_release release;
-  (void)tropd::host::parallel_rows(n, threads, [&](index_t b0, index_t e0) -> tropd::status {
-    constexpr index_t B = 16;
-    float in[B];
-    uint16_t out[B];
-    for (index_t r = b0; r < e0; ++r) {
-      unsigned char* row = base + r * stride * index_t(sizeof(float));
-      for (index_t j = 0; j < V; j += B) {
-        const index_t m = std::min(B, V - j);
-        std::memcpy(in, row + j * 4, size_t(m) * 4);
-        for (index_t i = 0; i < m; ++i) out[i] = bf ? tropd::bf16::from_float(in[i]).bits : tropd::fp16::from_float(in[i]).bits;
-        std::memcpy(row + j * 2, out, size_t(m) * 2);
-      }
-    }
-    return {};
-  });
-}
-
 /// What an objective reads: a dict (raises ValueError for a bad spec).
 nb::dict objective_info(const std::string& text) {
   const objective_spec spec = parse(text);
@@ -568,8 +535,6 @@ NB_MODULE(_C, m) {
   m.def("diagnostic_names", &diagnostic_names);
   m.def("objective_info", &objective_info, "objective"_a);
   m.def("preset_defaults", &preset_defaults, "name"_a);
-  m.def("narrow_rows", &narrow_rows, "grad"_a, "to"_a, "threads"_a,
-        "Rounds an fp32 [n x V] gradient to bfloat16 / float16 in place (row r's values over the first half of its bytes).");
   m.def("preset_names", [] {
     std::vector<std::string> v(std::begin(preset_names), std::end(preset_names));
     return v;

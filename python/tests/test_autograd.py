@@ -157,8 +157,8 @@ def test_gradient_accumulation_across_calls():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_16bit_gradient_is_the_rounded_fp32_gradient(dtype):
     """For 16-bit logits tropd writes the fp32 gradient and rounds it in place (round to nearest
-    even, tropd's conversions): the result equals torch's rounding of the same fp32 gradient, bit
-    for bit, and is a [n, V] view with row stride 2V over the fp32 buffer (no second buffer)."""
+    even): the result equals torch's rounding of the same fp32 gradient, bit for bit, and is a
+    [n, V] view with row stride 2V over the fp32 buffer (no second [n, V] buffer)."""
     b = padded_batch(B=2, T=5, V=301, seed=37)
     z = (b["z"] * 3).to(dtype)
     u = b["u"].to(dtype)
