@@ -17,10 +17,11 @@ log-softmax)::
                                                         objective=tropd.presets.opd())
 
 Autograd the way fused losses do it: the forward computes the gradient in the same call
-(tropd's row passes), saves it, and the backward only multiplies it by ``grad_output``. The
-gradient is kept in the logits' dtype (the C++ writes fp32 for fp32 / bf16 / fp16 logits and
-fp64 for fp64 logits; 16-bit logits get the fp32 gradient rounded once, to nearest even, right
-after the call, and the fp32 buffer is freed before the op returns).
+(tropd's row passes), saves it, and the backward only multiplies it by ``grad_output`` (or, for
+``grad_output`` = 1 on CPU, returns it as is). The gradient is kept in the logits' dtype: the
+C++ writes fp32 for fp32 / bf16 / fp16 logits and fp64 for fp64 logits; for 16-bit logits the
+fp32 buffer is rounded in place (to nearest even) and returned as a row-strided view, so no
+second [n, V] buffer is allocated (docs/python.md).
 
 The two ops (schemas in ``ROWS_SCHEMA`` and ``TOKENS_SCHEMA``) are ``torch.ops.tropd.rows`` and
 ``torch.ops.tropd.tokens``; the functions below only reshape, cast the small per-token tensors and
