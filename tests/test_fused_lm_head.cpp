@@ -553,6 +553,8 @@ TEST_CASE("fused LM head: an integrator's GEMM; 3 student GEMMs per chunk in one
     check_equal(got_head, unfused(obj, P, teacher_form::head, {}), 1e-11);
     CHECK(calls == chunks * (sp == tropd::sweep_policy::two ? 5 : 4));
   }
+  // Eigen's GEMM with column blocks narrower than V (eigen_gemm::col_block) and two threads.
+  check_equal(fused(obj, P, teacher_form::head, {.chunk = 4}, host::eigen_gemm{2, 5}), unfused(obj, P, teacher_form::head, {}), 1e-11);
   // Frozen weight: dL/dW and dL/db untouched, dL/dh and the loss the same, one GEMM fewer per chunk.
   int calls = 0;
   const result frozen = fused(obj, P, teacher_form::logits, {.chunk = 4}, loop_gemm{&calls}, 0.25, true);

@@ -25,9 +25,9 @@
 // + c V sizeof(TT) [a teacher head's logits] + min(threads, c) V sizeof(T) [one gradient row per
 // thread], each rounded up to 64 bytes; chunk = 0 picks the largest c (a multiple of 8 when
 // c >= 8) whose scratch fits fused_options::scratch_budget. Besides, like evaluate_rows it keeps
-// O(n) per-token state (about (250 + 28 K) bytes per row, K the top-k width) and each thread's
-// row-pass scratch (host/row_scratch.hpp: ~100 KB, plus 2 V floats for JSD / TV); never
-// O(n V).
+// O(n) per-token state (a few hundred bytes plus 28 K bytes per row, K the top-k width), each
+// thread's row-pass scratch (host/row_scratch.hpp: ~100 KB, plus 2 V floats for JSD / TV) and
+// the GEMM's own buffers (eigen_gemm: a few MB, bounded by its column blocks); never O(n V).
 //
 // Errors: those of evaluate_rows, plus shape_mismatch between hidden, weight, bias, the teacher
 // head, the metadata and the outputs, invalid_parameter (transform, chunk), unsupported
@@ -65,11 +65,15 @@
 
 namespace tropd::host {
 
-/// The host GEMM (core/fused_lm_head.hpp: gemm_for): Eigen's GEMM on row-major maps, C's rows
-/// split statically over `threads` threads (each block one Eigen product, so the result does
-/// not depend on anything but the shapes and the thread count).
+/// The host GEMM (core/fused_lm_head.hpp: gemm_for): Eigen's GEMM on row-major maps. C's rows
+/// are split statically over `threads` threads and its columns into blocks of `col_block`, each
+/// block one Eigen product, so the result depends only on the shapes and these two numbers.
+/// The column blocks bound Eigen's own packing buffers: for a row-major C, Eigen 3.4 packs a
+/// whole kc x (columns of C) panel once k is blocked, i.e. 512 x V floats (311 MB at
+/// V = 151,936) for the logits GEMM; with blocks it packs at most kc x col_block.
 struct eigen_gemm {
-  int threads = 0;  ///< threads splitting C's rows; 0: the fused call's eval_options::threads
+  int threads = 0;          ///< threads splitting C's rows; 0: the fused call's eval_options::threads
+  index_t col_block = 2048; ///< columns of C per Eigen product (<= 0: all)
 
   template <class T>
   status operator()(gemm_op ta, gemm_op tb, index_t m, index_t n, index_t k, T alpha, const T* a, index_t lda, const T* b,
@@ -79,30 +83,34 @@ struct eigen_gemm {
     using CMap = Eigen::Map<const Mat, Eigen::Unaligned, Eigen::OuterStride<>>;
     using MMap = Eigen::Map<Mat, Eigen::Unaligned, Eigen::OuterStride<>>;
     if (m <= 0 || n <= 0) return {};
+    const index_t nb = col_block > 0 ? col_block : n;
     return parallel_rows(m, threads < 1 ? 1 : threads, [&](index_t i0, index_t i1) -> status {
-      MMap C(c + i0 * ldc, i1 - i0, n, Eigen::OuterStride<>(ldc));
-      if (k <= 0) {
-        if (beta == T(0)) C.setZero();
-        else C *= beta;
-        return {};
-      }
-      const CMap B(b, tb == gemm_op::n ? k : n, tb == gemm_op::n ? n : k, Eigen::OuterStride<>(ldb));
-      auto product = [&](const auto& A, const auto& Bop) {
-        if (beta == T(0)) {
-          if (alpha == T(1)) C.noalias() = A * Bop;
-          else C.noalias() = (alpha * A) * Bop;
-        } else {
-          if (beta != T(1)) C *= beta;
-          if (alpha == T(1)) C.noalias() += A * Bop;
-          else C.noalias() += (alpha * A) * Bop;
+      for (index_t j0 = 0; j0 < n; j0 += nb) {
+        const index_t w = std::min(nb, n - j0);
+        MMap C(c + i0 * ldc + j0, i1 - i0, w, Eigen::OuterStride<>(ldc));
+        if (k <= 0) {
+          if (beta == T(0)) C.setZero();
+          else C *= beta;
+          continue;
         }
-      };
-      auto with_a = [&](const auto& A) {
-        if (tb == gemm_op::n) product(A, B);
-        else product(A, B.transpose());
-      };
-      if (ta == gemm_op::n) with_a(CMap(a + i0 * lda, i1 - i0, k, Eigen::OuterStride<>(lda)));
-      else with_a(CMap(a + i0, k, i1 - i0, Eigen::OuterStride<>(lda)).transpose());
+        auto product = [&](const auto& A, const auto& Bop) {
+          if (beta == T(0)) {
+            if (alpha == T(1)) C.noalias() = A * Bop;
+            else C.noalias() = (alpha * A) * Bop;
+          } else {
+            if (beta != T(1)) C *= beta;
+            if (alpha == T(1)) C.noalias() += A * Bop;
+            else C.noalias() += (alpha * A) * Bop;
+          }
+        };
+        // Columns [j0, j0 + w) of op(B): of B [k x n] (tb = n), or rows of B [n x k] (tb = t).
+        auto with_a = [&](const auto& A) {
+          if (tb == gemm_op::n) product(A, CMap(b + j0, k, w, Eigen::OuterStride<>(ldb)));
+          else product(A, CMap(b + j0 * ldb, w, k, Eigen::OuterStride<>(ldb)).transpose());
+        };
+        if (ta == gemm_op::n) with_a(CMap(a + i0 * lda, i1 - i0, k, Eigen::OuterStride<>(lda)));
+        else with_a(CMap(a + i0, k, i1 - i0, Eigen::OuterStride<>(lda)).transpose());
+      }
       return {};
     });
   }
