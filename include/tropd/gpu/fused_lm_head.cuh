@@ -270,12 +270,17 @@ inline status launch_status() noexcept {
 /// comment). T: bf16, fp16 or float (hidden states, weights); O: the gradients' type (float or
 /// T). `eval` is the CUDA backend's row-level objective for `obj`, set up with the call's
 /// per-row inputs and outputs. chunk = 0: fused_choose_chunk(budget = ctx.scratch_bytes).
+/// `gemm`: any gemm_for (T operands; float and O results; float scalars) running on
+/// ctx.stream; the default cublaslt_gemm gets ctx's handle, stream and workspace.
 template <class Obj, class T, class O, chunk_row_evaluator E, class Gemm = cublaslt_gemm>
 status fused_lm_head(const Obj& obj, const linear_head<T>& student, const device_teacher<T>& teacher, E& eval,
                      const device_fused_outputs<O>& out, index_t chunk, sweep_policy policy, bool mask_bad_input,
-                     const fused_device_context& ctx) {
+                     const fused_device_context& ctx, Gemm gemm = {}) {
   static_assert(std::is_same_v<T, bf16> || std::is_same_v<T, fp16> || std::is_same_v<T, float>, "gpu::fused_lm_head: bf16, fp16 or float operands");
   static_assert(std::is_same_v<O, float> || std::is_same_v<O, T>, "gpu::fused_lm_head: float gradients, or the operands' type");
+  static_assert(gemm_for<Gemm, T, T, float, float> && gemm_for<Gemm, T, T, O, float>,
+                "gpu::fused_lm_head: the GEMM must be callable as gemm(op_a, op_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc) -> status "
+                "with T operands, float and O results, float alpha / beta");
   TROPD_TRY(obj.check());
   TROPD_TRY(check_head(student, false));
   const index_t n = student.hidden.rows, V = student.weight.rows, H = student.hidden.cols;
@@ -320,7 +325,9 @@ status fused_lm_head(const Obj& obj, const linear_head<T>& student, const device
   T* gx = reinterpret_cast<T*>(carve(cv * sizeof(T)));
   float* u = head ? reinterpret_cast<float*>(carve(cv * 4)) : nullptr;
   void* ws = carve(ctx.gemm_workspace_bytes);
-  Gemm gemm{ctx.lt, ctx.stream, ws, ctx.gemm_workspace_bytes};
+  if constexpr (std::is_same_v<Gemm, cublaslt_gemm>) {
+    if (gemm.handle == nullptr) gemm = cublaslt_gemm{ctx.lt, ctx.stream, ws, ctx.gemm_workspace_bytes};
+  }
   const cudaStream_t s = ctx.stream;
 
   auto chunk_logits = [&](index_t r0, index_t c, bool with_teacher) -> status {
