@@ -123,6 +123,51 @@ struct row_token_arrays {
   index_t n_masked_rows = 0;
 };
 
+/// The token batch of evaluate_rows' per-row arrays (views into `a`) and the caller's
+/// per-token inputs: the fields the stages read (`need`; teacher fields only with teacher
+/// `logits`), the [n x K] top-k arrays where the objective has a top-k term (`topk`), the
+/// exact student tails with `exact_tail`.
+inline token_batch row_token_batch(const row_token_arrays& a, const row_inputs& in, index_t K, estimators::moments_needed need,
+                                   bool logits, bool topk, bool exact_tail) {
+  const index_t n = static_cast<index_t>(a.s.size());
+  token_batch b;
+  b.s = values_view(view_of(a.s));
+  b.s_old = in.s_old;
+  b.t = values_view(view_of(a.t));
+  b.from = {a.from.data(), n};
+  b.seq_offsets = in.seq_offsets;
+  b.seq_ids = in.seq_ids;
+  if (need.ent_s) b.student_entropy = values_view(view_of(a.ent_s));
+  if (logits && need.ent_t) b.teacher_entropy = values_view(view_of(a.ent_t));
+  if (logits && need.rkl) b.rkl = values_view(view_of(a.rkl));
+  b.ref = in.ref;
+  if (topk) {
+    b.topk_ids = make_matrix<const int32_t>(a.topk_ids.data(), n, K);
+    b.topk_teacher = make_matrix<const double>(a.topk_teacher.data(), n, K);
+    b.topk_student = make_matrix<const double>(a.topk_student.data(), n, K);
+    b.topk_student_old = in.topk_student_old;
+    if (exact_tail) b.topk_student_tail_log = values_view(view_of(a.tail));
+  }
+  return b;
+}
+
+/// After the token stages: a dense term's weighted values (row summaries in a.sums) into the
+/// loss and its diagnostics part. The loss must stay finite.
+template <class Obj>
+status add_dense_loss(const Obj& obj, const row_token_arrays& a, token_stages& st) {
+  if constexpr (Obj::has_dense) {
+    for (size_t r = 0; r < st.w.size(); ++r) {
+      const double wr = st.w[r];
+      if (wr != 0) st.diag.loss_dense += wr * obj.dense_weight * obj.dense.value(a.sums[r]);
+    }
+    st.diag.loss += st.diag.loss_dense;
+    if (!is_finite(st.diag.loss)) return make_error(errc::infinite_divergence, "the loss is not finite in double");
+  } else {
+    (void)obj, (void)a, (void)st;
+  }
+  return {};
+}
+
 template <class Teacher>
 inline constexpr bool teacher_has_logits = !std::is_same_v<Teacher, teacher_logprobs>;
 /// The teacher logits' element type (float stands in for a teacher given as log-probs).
@@ -281,35 +326,11 @@ status evaluate_rows(const Obj& obj, matrix_view<const TS> student, const Teache
     }
 
   // The token batch of the rows, then the same stages as evaluate_tokens.
-  token_batch b;
-  b.s = values_view(view_of(a.s));
-  b.s_old = in.s_old;
-  b.t = values_view(view_of(a.t));
-  b.from = {a.from.data(), n};
-  b.seq_offsets = in.seq_offsets;
-  b.seq_ids = in.seq_ids;
-  if (need.ent_s) b.student_entropy = values_view(view_of(a.ent_s));
-  if (logits && need.ent_t) b.teacher_entropy = values_view(view_of(a.ent_t));
-  if (logits && need.rkl) b.rkl = values_view(view_of(a.rkl));
-  b.ref = in.ref;
-  if constexpr (need_topk) {
-    b.topk_ids = make_matrix<const int32_t>(a.topk_ids.data(), n, K);
-    b.topk_teacher = make_matrix<const double>(a.topk_teacher.data(), n, K);
-    b.topk_student = make_matrix<const double>(a.topk_student.data(), n, K);
-    b.topk_student_old = in.topk_student_old;
-    if (exact_tail) b.topk_student_tail_log = values_view(view_of(a.tail));
-  }
+  const token_batch b = row_token_batch(a, in, K, need, logits, need_topk, exact_tail);
   token_stages st;
   TROPD_TRY(run_token_stages(obj, b, opt, st));
   st.diag.n_masked_input += a.n_masked_rows;
-  if constexpr (Obj::has_dense) {
-    for (index_t r = 0; r < n; ++r) {
-      const double wr = st.w[static_cast<size_t>(r)];
-      if (wr != 0) st.diag.loss_dense += wr * obj.dense_weight * obj.dense.value(a.sums[static_cast<size_t>(r)]);
-    }
-    st.diag.loss += st.diag.loss_dense;
-    if (!is_finite(st.diag.loss)) return make_error(errc::infinite_divergence, "the loss is not finite in double");
-  }
+  TROPD_TRY(add_dense_loss(obj, a, st));
   const double limit = out.grad.rows ? min_(output_limit(tout), double(max_finite(scalar_type_of<G>()))) : output_limit(tout);
   TROPD_TRY(check_output_range(st.batch, st.a, st.w, limit));
 
