@@ -155,8 +155,9 @@ class rows_call {
   /// The call's status once next() has returned false.
   status result() const { return result_; }
 
-  /// Bytes this rank contributed to each tensor-group exchange so far (the records, then the
-  /// second-pass sums), for cost reports.
+  /// Bytes this rank contributes to each tensor-group exchange of the call so far (the
+  /// records, then a second-pass estimator's sums): header + rows x record. Also counted for a
+  /// tensor group of one, where nothing is sent. For cost reports.
   const std::vector<size_t>& tensor_exchange_bytes() const { return sent_; }
 
  private:
@@ -195,7 +196,6 @@ class rows_call {
     ++stage_;
     slot_ = send_.size();
     recv_.assign(slot_ * size_t(tp_.size), 0);
-    sent_.push_back(slot_);
     ex = exchange{group::tensor, send_.data(), send_.size(), recv_.data()};
     return true;
   }
@@ -289,6 +289,7 @@ class rows_call {
     }
     const detail::rank_header h = header();
     std::memcpy(send_.data(), &h, sizeof h);
+    sent_.push_back(send_.size());
   }
 
   unsigned char* record(index_t r) { return send_.data() + sizeof(detail::rank_header) + size_t(r) * lay_.bytes; }
@@ -637,6 +638,7 @@ class rows_call {
     }
     const detail::rank_header h = header();
     std::memcpy(send_.data(), &h, sizeof h);
+    sent_.push_back(send_.size());
   }
 
   bool merge_second() {
