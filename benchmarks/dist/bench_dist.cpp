@@ -8,12 +8,14 @@
 // (median): the bytes each rank sends per call (record exchange + second-pass exchange) and
 // receives, the number of collectives, the time per call and the part spent inside the
 // collectives, and, measured on rank 0 in the same run (the other ranks wait at a barrier),
-// the single-process host::evaluate_rows on the whole [N x V] rows as the baseline. A last
+// the single-process host::evaluate_rows on the whole [N x V] rows as the baseline. Ranks
+// that wait sleep (quiet_barrier) so that they do not take an oversubscribed core. A last
 // line gives the latency of one small all-gather here (what each extra sequential collective
 // of a multi-collective design costs).
 #include <mpi.h>
 
 #include <stdint.h>
+#include <time.h>
 
 #include <algorithm>
 #include <chrono>
@@ -34,6 +36,19 @@ using tropd::index_t;
 namespace {
 
 double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+
+/// A barrier whose waiting ranks sleep instead of polling (on an oversubscribed machine a
+/// polling rank takes the core of the rank it waits for).
+void quiet_barrier(MPI_Comm comm) {
+  MPI_Request req;
+  MPI_Ibarrier(comm, &req);
+  for (int done = 0;;) {
+    MPI_Test(&req, &done, MPI_STATUS_IGNORE);
+    if (done) return;
+    struct timespec ts{0, 200000};
+    nanosleep(&ts, nullptr);
+  }
+}
 
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -100,7 +115,7 @@ void bench(const char* name, const Obj& obj, index_t N, index_t V, int reps, int
   size_t sent = 0;
   int collectives = 0;
   for (int it = 0; it < reps + 1; ++it) {  // the first call warms up (page faults, scratch)
-    MPI_Barrier(comm);
+    quiet_barrier(comm);
     const double t0 = now();
     double tc_sum = 0;
     dist::rows_call<Obj, float, tropd::matrix_view<const float>, float> call(
@@ -136,7 +151,7 @@ void bench(const char* name, const Obj& obj, index_t N, index_t V, int reps, int
     std::vector<unsigned char> sb(sent), rb(sent * size_t(P));
     std::vector<double> ta;
     for (int it = 0; it < 20; ++it) {
-      MPI_Barrier(comm);
+      quiet_barrier(comm);
       const double a = now();
       if (!tc.all_gather(sb.data(), rb.data(), sb.size()).ok()) MPI_Abort(comm, 2);
       ta.push_back(now() - a);
@@ -171,7 +186,7 @@ void bench(const char* name, const Obj& obj, index_t N, index_t V, int reps, int
     }
     base = median(tb);
   }
-  MPI_Barrier(comm);
+  quiet_barrier(comm);
   if (rank == 0)
     std::printf("%-12s P=%d  collectives %d%s  sent/rank %7.1f KiB (%4.0f B/row)  received/rank %7.1f KiB  call %7.2f ms  "
                 "in collectives %6.2f ms  exchange alone %6.2f ms  single-process %7.2f ms\n",
