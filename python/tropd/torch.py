@@ -181,6 +181,8 @@ def _rows_setup_context(ctx, inputs, output):
     loss, g, stats, flags, adv = output
     ctx.save_for_backward(g)
     ctx.mark_non_differentiable(g, stats, flags, adv)
+    # No zero gradients for the other outputs (one would be an [n x V] tensor of zeros).
+    ctx.set_materialize_grads(False)
     # Eager only: a second reference to the gradient tensor itself (it has no grad_fn: no cycle),
     # returned by the backward when grad_output is 1; see _rows_backward.
     ctx.grad_ref = g if type(g) is torch.Tensor else None
@@ -199,6 +201,8 @@ def _is_eager_one(x: Tensor) -> bool:
 
 def _rows_backward(ctx, grad_loss, grad_g, grad_stats, grad_flags, grad_adv):
     (g,) = ctx.saved_tensors  # also the version check: the gradient must not have been modified
+    if grad_loss is None:
+        return (None,) * 20
     if g.dim() != 2:
         raise RuntimeError("tropd: backward through a loss computed without its gradient (compute_grad=False)")
     # grad_output = 1 (eager, CPU): the gradient computed in the forward is the answer. It is
@@ -275,10 +279,13 @@ def _tokens_setup_context(ctx, inputs, output):
     ctx.has_topk = inputs[6] is not None
     ctx.save_for_backward(dlds, dldk)
     ctx.mark_non_differentiable(dlds, dldk, stats, flags, adv)
+    ctx.set_materialize_grads(False)
 
 
 def _tokens_backward(ctx, grad_loss, grad_dlds, grad_dldk, grad_stats, grad_flags, grad_adv):
     dlds, dldk = ctx.saved_tensors
+    if grad_loss is None:
+        return (None,) * 19
     grad_s = dlds * grad_loss.to(dlds.dtype)
     grad_topk = dldk * grad_loss.to(dldk.dtype) if ctx.has_topk else None
     return (grad_s, None, None, None, None, None, grad_topk) + (None,) * 12
