@@ -1,4 +1,4 @@
-// tests/dist/nccl_check.cu: the NCCL adapters of include/tropd/dist/nccl.hpp, compiled by nvcc
+// tests/dist/nccl_check.cu: the NCCL adapters of include/tropd/dist/nccl.cuh, compiled by nvcc
 // (sm_80, sm_90) and linked against NCCL. On a machine with a GPU it creates a one-rank NCCL
 // communicator (the test's own: tropd never creates one) and checks, through both adapters,
 // an all-gather of bytes and a typed all-reduce, then dist::evaluate_rows with the staging
@@ -9,7 +9,7 @@
 
 #include <cstdio>
 
-#include <tropd/dist/nccl.hpp>
+#include <tropd/dist/nccl.cuh>
 
 namespace dist = tropd::dist;
 

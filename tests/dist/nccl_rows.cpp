@@ -6,7 +6,7 @@
 #include <cmath>
 #include <vector>
 
-#include <tropd/dist/nccl.hpp>
+#include <tropd/dist/nccl.cuh>
 #include <tropd/dist/rows.hpp>
 #include <tropd/tropd.hpp>
 

@@ -18,7 +18,7 @@
 // communicator (NCCL) also has c.stream(): its collectives are enqueued there and do not
 // synchronise; a host communicator's collectives have completed when they return.
 //
-// Adapters: dist/mpi.hpp (MPI, host buffers), dist/nccl.hpp (NCCL, device buffers, and a host
+// Adapters: dist/mpi.hpp (MPI, host buffers), dist/nccl.cuh (NCCL, device buffers, and a host
 // staging wrapper); single_process below (a group of one, for code that is written once for
 // any group size). The distributed entry points (dist/rows.hpp) use only all_gather of bytes:
 // every rank then merges the same records in the same (rank) order, so all ranks compute

@@ -7,8 +7,16 @@
 // translation units that use it and link MPI there (CMake: find_package(MPI), MPI::MPI_CXX).
 // Errors: a failing MPI call gives errc::backend_error, provided the communicator's error
 // handler returns (MPI's default, MPI_ERRORS_ARE_FATAL, aborts the job first). Counts above
-// INT_MAX bytes are sent as several collectives of whole 1 MiB blocks plus a remainder.
+// INT_MAX bytes are sent as derived datatypes of 1 MiB blocks plus a remainder.
+//
+// Where <mpi.h> is not on the include path this header defines nothing but
+// TROPD_HAS_MPI = 0 (so that every tropd header compiles alone anywhere); with MPI it is 1.
 #pragma once
+
+#if !__has_include(<mpi.h>)
+#define TROPD_HAS_MPI 0
+#else
+#define TROPD_HAS_MPI 1
 
 #include <mpi.h>
 
@@ -86,3 +94,5 @@ struct mpi_communicator {
 static_assert(host_communicator<mpi_communicator>);
 
 }  // namespace tropd::dist
+
+#endif  // __has_include(<mpi.h>)

@@ -1,4 +1,4 @@
-// tropd/dist/nccl.hpp: NCCL adapters of dist::communicator.
+// tropd/dist/nccl.cuh: NCCL adapters of dist::communicator.
 //
 //   tropd::dist::nccl_communicator tp{comm, stream};      // device buffers, enqueued on `stream`
 //   tropd::dist::nccl_host_staging tps{{comm, stream}};   // host buffers through NCCL (copies)
@@ -14,11 +14,18 @@
 // one allocation the caller asks for by creating it), runs the collective on the stream and
 // copies back, then synchronises the stream (every call does, and says so here).
 //
-// Host code: no device code in this header. It includes <cuda_runtime.h> and <nccl.h>, so a
-// translation unit that includes it needs the CUDA toolkit's include path and links cudart
-// and NCCL (libnccl.so ships with the CUDA toolkit, e.g. under its lib/ directory, and with
-// PyTorch's nvidia-nccl wheel); nvcc or a host compiler both work.
+// A .cuh because it needs the CUDA toolkit (headers and libraries), but host code only (no
+// device code): nvcc or a host compiler with the toolkit's include path both work. It
+// includes <cuda_runtime.h> and <nccl.h>; link cudart and NCCL (libnccl.so ships with the CUDA
+// toolkit, e.g. under its lib/ directory, and with PyTorch's nvidia-nccl wheel). Where either
+// header is missing it defines nothing but TROPD_HAS_NCCL = 0 (every tropd header compiles
+// alone anywhere); with both it is 1.
 #pragma once
+
+#if !__has_include(<cuda_runtime.h>) || !__has_include(<nccl.h>)
+#define TROPD_HAS_NCCL 0
+#else
+#define TROPD_HAS_NCCL 1
 
 #include <cuda_runtime.h>
 #include <nccl.h>
@@ -140,3 +147,5 @@ struct nccl_host_staging {
 static_assert(host_communicator<nccl_host_staging>);
 
 }  // namespace tropd::dist
+
+#endif  // __has_include(<cuda_runtime.h>) && __has_include(<nccl.h>)
