@@ -181,7 +181,8 @@ class rows_call {
   detail::record_layout lay_{};
   index_t n_ = 0, K_ = 0, V_ = 0, Vl_ = 0;
   bool lists_ = false, exact_tail_ = false, want_diag_ = false;
-  std::vector<int> order_;  // ranks by v0 (the merge order)
+  std::vector<int> order_;       // ranks by v0 (the merge order)
+  std::vector<index_t> starts_;  // their v0, ascending
 
   host::detail::row_token_arrays a_;
   token_outputs tout_{};
@@ -431,6 +432,8 @@ class rows_call {
       result_ = make_error(errc::shape_mismatch, "the tensor-parallel ranks' vocabulary shards do not partition [0, V)");
       return false;
     }
+    starts_.clear();
+    for (int p : order_) starts_.push_back(h[size_t(p)].v0);
     fail_row = n_;
     for (int p = 0; p < P; ++p) {
       const auto& hp = h[size_t(p)];
@@ -445,13 +448,8 @@ class rows_call {
 
   /// Which rank's shard owns id (binary search over the shards in v0 order).
   int owner(int32_t id) const {
-    int lo = 0, hi = int(order_.size());
-    while (hi - lo > 1) {
-      const int mid = (lo + hi) / 2;
-      if (detail::get<detail::rank_header>(remote(order_[size_t(mid)]), 0).v0 <= id) lo = mid;
-      else hi = mid;
-    }
-    return order_[size_t(lo)];
+    const auto it = std::upper_bound(starts_.begin(), starts_.end(), index_t(id));
+    return order_[size_t(it - starts_.begin()) - 1];
   }
 
   struct candidate {
