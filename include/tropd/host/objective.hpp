@@ -324,11 +324,12 @@ inline void mark_masked_rows(row_token_arrays& a, const uint8_t* row_masked) {
     }
 }
 
-/// The token batch of the rows (views of a's arrays and the caller's per-token inputs).
-template <class Plan>
-token_batch row_batch(const Plan& p, row_token_arrays& a, const row_inputs& in) {
-  const index_t n = p.n, K = p.K;
-  const estimators::moments_needed need = p.need();
+/// The token batch of the rows (views of a's arrays and the caller's per-token inputs): the
+/// arrays the objective reads (`need`; teacher entropies and the KL only with teacher logits),
+/// the top-k arrays with a top-k term, the exact tail with the tail bucket.
+inline token_batch row_token_batch(row_token_arrays& a, const row_inputs& in, index_t K, estimators::moments_needed need,
+                                   bool logits, bool need_topk, bool exact_tail) {
+  const index_t n = static_cast<index_t>(a.s.size());
   token_batch b;
   b.s = values_view(view_of(a.s));
   b.s_old = in.s_old;
@@ -337,17 +338,23 @@ token_batch row_batch(const Plan& p, row_token_arrays& a, const row_inputs& in) 
   b.seq_offsets = in.seq_offsets;
   b.seq_ids = in.seq_ids;
   if (need.ent_s) b.student_entropy = values_view(view_of(a.ent_s));
-  if (Plan::logits && need.ent_t) b.teacher_entropy = values_view(view_of(a.ent_t));
-  if (Plan::logits && need.rkl) b.rkl = values_view(view_of(a.rkl));
+  if (logits && need.ent_t) b.teacher_entropy = values_view(view_of(a.ent_t));
+  if (logits && need.rkl) b.rkl = values_view(view_of(a.rkl));
   b.ref = in.ref;
-  if constexpr (Plan::need_topk) {
+  if (need_topk) {
     b.topk_ids = make_matrix<const int32_t>(a.topk_ids.data(), n, K);
     b.topk_teacher = make_matrix<const double>(a.topk_teacher.data(), n, K);
     b.topk_student = make_matrix<const double>(a.topk_student.data(), n, K);
     b.topk_student_old = in.topk_student_old;
-    if (p.exact_tail) b.topk_student_tail_log = values_view(view_of(a.tail));
+    if (exact_tail) b.topk_student_tail_log = values_view(view_of(a.tail));
   }
   return b;
+}
+
+/// row_token_batch with a call's plan.
+template <class Plan>
+token_batch row_batch(const Plan& p, row_token_arrays& a, const row_inputs& in) {
+  return row_token_batch(a, in, p.K, p.need(), Plan::logits, Plan::need_topk, p.exact_tail);
 }
 
 /// After the token stages: the masked rows' count and the dense term's loss.
