@@ -327,7 +327,7 @@ inline void mark_masked_rows(row_token_arrays& a, const uint8_t* row_masked) {
 /// The token batch of the rows (views of a's arrays and the caller's per-token inputs): the
 /// arrays the objective reads (`need`; teacher entropies and the KL only with teacher logits),
 /// the top-k arrays with a top-k term, the exact tail with the tail bucket.
-inline token_batch row_token_batch(row_token_arrays& a, const row_inputs& in, index_t K, estimators::moments_needed need,
+inline token_batch row_token_batch(const row_token_arrays& a, const row_inputs& in, index_t K, estimators::moments_needed need,
                                    bool logits, bool need_topk, bool exact_tail) {
   const index_t n = static_cast<index_t>(a.s.size());
   token_batch b;
@@ -353,7 +353,7 @@ inline token_batch row_token_batch(row_token_arrays& a, const row_inputs& in, in
 
 /// row_token_batch with a call's plan.
 template <class Plan>
-token_batch row_batch(const Plan& p, row_token_arrays& a, const row_inputs& in) {
+token_batch row_batch(const Plan& p, const row_token_arrays& a, const row_inputs& in) {
   return row_token_batch(a, in, p.K, p.need(), Plan::logits, Plan::need_topk, p.exact_tail);
 }
 
