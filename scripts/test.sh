@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # tropd's test command (the README's; .ci/run runs exactly this).
 #
-# Stages (TROPD_TEST_STAGES, default "release asan tsan fuzz cuda python"):
+# Stages (TROPD_TEST_STAGES, default "release asan tsan fuzz cuda python dist"):
 #   release  g++ Release build of everything in build/release; ctest -LE gpu
 #            (unit, compile_fail, install tests)
 #   asan     clang++ with TROPD_SANITIZE=address,undefined in build/asan;
@@ -26,6 +26,11 @@
 #            are skipped without a GPU). When nvcc is found it also compiles the extension's
 #            CUDA dispatch (python/src/gpu.cu) in build/python-cuda (one more "passed").
 #            TROPD_PYTHON (default python3) picks the interpreter.
+#   dist     TROPD_BUILD_DIST_TESTS=ON in build/dist: builds only the distributed tests
+#            (tests/dist) and runs ctest -L dist: tropd-mpi-tests under mpiexec -np 1, 2, 3
+#            and 4 (Open MPI: --allow-run-as-root --oversubscribe), two torch.distributed gloo
+#            processes (skipped without torch), and the NCCL adapter built with nvcc (its
+#            one-GPU run is skipped without a GPU)
 #
 # Ends with the line "N passed, N failed" (CTest results of all stages; a failed
 # configure or build counts as one failure) and exits non-zero on any failure.
@@ -34,7 +39,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
 JOBS=${TROPD_JOBS:-2}
-STAGES=${TROPD_TEST_STAGES:-release asan tsan fuzz cuda python}
+STAGES=${TROPD_TEST_STAGES:-release asan tsan fuzz cuda python dist}
 LOG_DIR=build/test-logs
 
 total_passed=0
@@ -209,6 +214,33 @@ stage_fuzz() {
     known=$(grep -oE 'known issue [A-Z][0-9A-Z]* reproduces' "$log" | awk '{print $3}' | sort -u | tr '\n' ' ')
     [[ -n $known ]] && notes+=("fuzz $t: open known issues still reproduce: ${known% }")
   done
+}
+
+stage_dist() {
+  # Only the distributed targets: the MPI executable and the torch.distributed shim, then,
+  # where nvcc and NCCL are found, the NCCL adapter check (CUDA is enabled for it alone).
+  local nvcc cuda_args=()
+  if nvcc=$(find_nvcc); then
+    cuda_args=(-DCMAKE_CUDA_COMPILER="$nvcc" -DCMAKE_CUDA_ARCHITECTURES="80;90")
+  fi
+  configure_build dist build/dist "tropd-mpi-tests tropd-dist-shim" \
+    -DCMAKE_BUILD_TYPE=Release -DTROPD_BUILD_DIST_TESTS=ON -DTROPD_INSTALL=OFF \
+    -DTROPD_BUILD_BENCHMARKS=OFF -DTROPD_BUILD_EXAMPLES=OFF "${cuda_args[@]}" || return
+  if cmake --build build/dist --target help | grep -q 'tropd-nccl-check'; then
+    if ! cmake --build build/dist -j "$JOBS" --target tropd-nccl-check; then
+      note_failure "dist: build tropd-nccl-check"
+      return
+    fi
+  else
+    notes+=("dist: the NCCL adapter check was not built (nvcc or NCCL not found)")
+  fi
+  run_ctest dist build/dist -L dist
+  if grep -qE 'tropd-torch-gloo \(Skipped\)' "$LOG_DIR/dist-ctest.log"; then
+    notes+=("dist: torch.distributed test skipped (torch with gloo not importable)")
+  fi
+  if grep -qE 'tropd-nccl-check \(Skipped\)' "$LOG_DIR/dist-ctest.log"; then
+    notes+=("dist: the NCCL adapter compiled and linked, its one-GPU run was skipped (no CUDA device here)")
+  fi
 }
 
 # Installs the Python packages the python stage needs, each only if it is missing.

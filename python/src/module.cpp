@@ -18,6 +18,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -27,11 +28,13 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/unique_ptr.h>
 #include <nanobind/stl/vector.h>
 
 #include <tropd/version.hpp>
 
 #include "calls.hpp"
+#include "dist.hpp"
 #include "gpu.hpp"
 
 namespace nb = nanobind;
@@ -273,17 +276,14 @@ objective_spec parse(const std::string& text) {
 // Entry points
 // ---------------------------------------------------------------------------
 
-nb::object evaluate_rows(const std::string& objective, const array& student, const opt_array& teacher_logits,
-                         const opt_array& teacher_token_logprobs, const array& token_ids, const array& origin,
-                         const array& seq_offsets, const opt_array& sequence_ids, const opt_array& old_logprobs,
-                         const opt_array& ref_logprobs, const opt_array& topk_ids, const opt_array& topk_logprobs,
-                         const opt_array& old_topk_logprobs, const opt_out& grad, const out_array& loss, const out_array& stats,
-                         const opt_out& flags, const opt_out& advantage, const opt_out& dloss_ds, uint64_t seed, uint64_t step,
-                         double student_temperature, double teacher_temperature, double normaliser, int threads,
-                         bool mask_bad_input, const opt_out& scratch, uintptr_t stream) {
-  const objective_spec spec = parse(objective);
-  device_of_call dev;
-  rows_call c;
+/// evaluate_rows' arguments, checked and turned into a rows_call (shared with sharded_rows).
+void rows_arguments(rows_call& c, device_of_call& dev, const array& student, const opt_array& teacher_logits,
+                    const opt_array& teacher_token_logprobs, const array& token_ids, const array& origin, const array& seq_offsets,
+                    const opt_array& sequence_ids, const opt_array& old_logprobs, const opt_array& ref_logprobs,
+                    const opt_array& topk_ids, const opt_array& topk_logprobs, const opt_array& old_topk_logprobs, const opt_out& grad,
+                    const out_array& loss, const out_array& stats, const opt_out& flags, const opt_out& advantage,
+                    const opt_out& dloss_ds, uint64_t seed, uint64_t step, double student_temperature, double teacher_temperature,
+                    double normaliser, int threads, bool mask_bad_input) {
   c.student = logits("student_logits", student, -1, -1, dev);
   const index_t n = c.student.rows, V = c.student.cols;
   if (teacher_logits && teacher_token_logprobs)
@@ -350,7 +350,22 @@ nb::object evaluate_rows(const std::string& objective, const array& student, con
   c.opt.threads = threads < 1 ? 1 : threads;
   c.opt.bad_input = mask_bad_input ? tropd::host::input_policy::mask : tropd::host::input_policy::reject;
   c.normaliser = normaliser;
+}
 
+nb::object evaluate_rows(const std::string& objective, const array& student, const opt_array& teacher_logits,
+                         const opt_array& teacher_token_logprobs, const array& token_ids, const array& origin,
+                         const array& seq_offsets, const opt_array& sequence_ids, const opt_array& old_logprobs,
+                         const opt_array& ref_logprobs, const opt_array& topk_ids, const opt_array& topk_logprobs,
+                         const opt_array& old_topk_logprobs, const opt_out& grad, const out_array& loss, const out_array& stats,
+                         const opt_out& flags, const opt_out& advantage, const opt_out& dloss_ds, uint64_t seed, uint64_t step,
+                         double student_temperature, double teacher_temperature, double normaliser, int threads,
+                         bool mask_bad_input, const opt_out& scratch, uintptr_t stream) {
+  const objective_spec spec = parse(objective);
+  device_of_call dev;
+  rows_call c;
+  rows_arguments(c, dev, student, teacher_logits, teacher_token_logprobs, token_ids, origin, seq_offsets, sequence_ids, old_logprobs,
+                 ref_logprobs, topk_ids, topk_logprobs, old_topk_logprobs, grad, loss, stats, flags, advantage, dloss_ds, seed, step,
+                 student_temperature, teacher_temperature, normaliser, threads, mask_bad_input);
   std::string spec_error;
   tropd::status st;
   if (dev.type == dev_cuda) {
@@ -524,6 +539,111 @@ std::vector<std::pair<std::string, std::string>> preset_defaults(const std::stri
   return out;
 }
 
+// ---------------------------------------------------------------------------
+// The vocabulary-sharded row level (tropd/dist/rows.hpp) as a split call: Python runs each
+// all-gather it asks for with torch.distributed (python/tropd/distributed.py).
+// ---------------------------------------------------------------------------
+
+/// A running sharded call. The caller keeps the arrays it passed alive until finish().
+class sharded_rows_call {
+ public:
+  std::unique_ptr<sharded_session> session;
+  std::unique_ptr<host_copies> copies;
+  double loss_value = 0;
+  tropd::diagnostics diag;
+  std::optional<out_array> loss, stats;
+  tropd::dist::exchange ex;
+  int tensor_size = 1, data_size = 1;
+  bool done = false;
+};
+
+std::unique_ptr<sharded_rows_call> sharded_rows(
+    const std::string& objective, const array& student, const opt_array& teacher_logits, const opt_array& teacher_token_logprobs,
+    const array& token_ids, const array& origin, const array& seq_offsets, const opt_array& sequence_ids, const opt_array& old_logprobs,
+    const opt_array& ref_logprobs, const opt_array& topk_ids, const opt_array& topk_logprobs, const opt_array& old_topk_logprobs,
+    const opt_out& grad, const out_array& loss, const out_array& stats, const opt_out& flags, const opt_out& advantage,
+    const opt_out& dloss_ds, uint64_t seed, uint64_t step, double student_temperature, double teacher_temperature, double normaliser,
+    int threads, bool mask_bad_input, index_t vocab_start, index_t vocab_size, int tensor_rank, int tensor_size, int data_rank,
+    int data_size, bool decisions_per_rank, bool normaliser_per_rank) {
+  const objective_spec spec = parse(objective);
+  device_of_call dev;
+  rows_call c;
+  rows_arguments(c, dev, student, teacher_logits, teacher_token_logprobs, token_ids, origin, seq_offsets, sequence_ids, old_logprobs,
+                 ref_logprobs, topk_ids, topk_logprobs, old_topk_logprobs, grad, loss, stats, flags, advantage, dloss_ds, seed, step,
+                 student_temperature, teacher_temperature, normaliser, threads, mask_bad_input);
+  if (dev.type != dev_cpu)
+    throw nb::value_error("tropd: the sharded row level runs on the host backend: pass CPU arrays (the records go through torch.distributed)");
+  if (tensor_size < 1 || data_size < 1 || tensor_rank < 0 || tensor_rank >= tensor_size || data_rank < 0 || data_rank >= data_size)
+    throw nb::value_error("tropd: group ranks must lie in [0, size)");
+  auto r = std::make_unique<sharded_rows_call>();
+  r->copies = std::make_unique<host_copies>(c.in.seq_offsets, c.in.from);
+  c.in.seq_offsets = r->copies->offsets();
+  c.in.from = r->copies->from();
+  c.loss = &r->loss_value;
+  c.diag = &r->diag;
+  r->loss = loss;
+  r->stats = stats;
+  r->tensor_size = tensor_size;
+  r->data_size = data_size;
+  shard_args sh;
+  sh.v0 = vocab_start;
+  sh.v1 = vocab_start + c.student.cols;
+  sh.vocab = vocab_size;
+  sh.tensor_rank = tensor_rank;
+  sh.tensor_size = tensor_size;
+  sh.data_rank = data_rank;
+  sh.data_size = data_size;
+  sh.decisions_per_rank = decisions_per_rank;
+  sh.normaliser_per_rank = normaliser_per_rank;
+  std::string spec_error;
+  tropd::status unsupported;
+  switch (c.student.type) {
+    case logit_type::f32: r->session = sharded_f32(spec, c, sh, &spec_error, &unsupported); break;
+    case logit_type::bf16: r->session = sharded_bf16(spec, c, sh, &spec_error, &unsupported); break;
+    case logit_type::f64:
+    case logit_type::f16: throw nb::value_error("tropd: the sharded row level takes float32 or bfloat16 logits");
+  }
+  if (!spec_error.empty()) throw nb::value_error(("tropd: invalid parameter: " + spec_error).c_str());
+  if (!r->session) throw nb::value_error(unsupported.message().c_str());
+  return r;
+}
+
+/// The next exchange: None when the call is done, else (group, send, recv): group 0 = tensor
+/// (the vocabulary shards), 1 = data (the other rows); send and recv are uint8 numpy arrays
+/// over the call's own buffers (recv: group size x len(send), rank order), valid until the
+/// next call of next().
+nb::object sharded_next(nb::handle self) {
+  sharded_rows_call& r = *nb::inst_ptr<sharded_rows_call>(self);
+  if (r.done) return nb::none();
+  bool more;
+  {
+    nb::gil_scoped_release release;
+    more = r.session->next(r.ex);
+  }
+  if (!more) {
+    r.done = true;
+    return nb::none();
+  }
+  const size_t group_size = size_t(r.ex.among == tropd::dist::group::tensor ? r.tensor_size : r.data_size);
+  const size_t ns[1] = {r.ex.bytes}, nr[1] = {r.ex.bytes * group_size};
+  auto send = nb::ndarray<nb::numpy, uint8_t, nb::ndim<1>>(const_cast<void*>(r.ex.send), 1, ns, self);
+  auto recv = nb::ndarray<nb::numpy, uint8_t, nb::ndim<1>>(r.ex.recv, 1, nr, self);
+  return nb::make_tuple(int(r.ex.among), send, recv);
+}
+
+/// After next() returned None: writes loss and stats and returns None or the failed status
+/// (int(errc), row, column, message), as evaluate_rows does.
+nb::object sharded_finish(sharded_rows_call& r) {
+  if (!r.done) throw nb::value_error("tropd: finish() before next() returned None (the call still has exchanges to run)");
+  const tropd::status st = r.session->result();
+  if (st.ok()) {
+    if (is_f64(r.loss->dtype())) *static_cast<double*>(r.loss->data()) = r.loss_value;
+    else *static_cast<float*>(r.loss->data()) = float(r.loss_value);
+    write_stats(r.diag, static_cast<double*>(r.stats->data()));
+  }
+  return result(st, "");
+}
+
 }  // namespace
 }  // namespace tropd_py
 
@@ -546,6 +666,19 @@ NB_MODULE(_C, m) {
         "teacher_temperature"_a, "normaliser"_a, "threads"_a, "mask_bad_input"_a, "scratch"_a.none(), "stream"_a,
         "Row level: tropd::host::evaluate_rows on DLPack arrays (outputs are written in place). Returns None, or "
         "(int(tropd::errc), row, column, message) for a failed tropd status.");
+  nb::class_<sharded_rows_call>(m, "ShardedRowsCall",
+                                "A vocabulary-sharded evaluate_rows in progress (tropd/dist/rows.hpp): run each exchange next() "
+                                "returns as an all-gather among its group, then finish().")
+      .def("next", &sharded_next, "Returns None when done, else (group, send, recv): uint8 arrays over the call's buffers.")
+      .def("finish", &sharded_finish, "Returns None, or (int(tropd::errc), row, column, message) for a failed status.");
+  m.def("sharded_rows", &sharded_rows, "objective"_a, "student_logits"_a, "teacher_logits"_a.none(), "teacher_token_logprobs"_a.none(),
+        "token_ids"_a, "origin"_a, "seq_offsets"_a, "sequence_ids"_a.none(), "old_logprobs"_a.none(), "ref_logprobs"_a.none(),
+        "teacher_topk_ids"_a.none(), "teacher_topk_logprobs"_a.none(), "old_topk_logprobs"_a.none(), "grad"_a.none(), "loss"_a,
+        "stats"_a, "flags"_a.none(), "advantage"_a.none(), "dloss_ds"_a.none(), "seed"_a, "step"_a, "student_temperature"_a,
+        "teacher_temperature"_a, "normaliser"_a, "threads"_a, "mask_bad_input"_a, "vocab_start"_a, "vocab_size"_a, "tensor_rank"_a,
+        "tensor_size"_a, "data_rank"_a, "data_size"_a, "decisions_per_rank"_a, "normaliser_per_rank"_a,
+        "The vocabulary-sharded row level (tropd::dist::rows_call) on CPU DLPack arrays: this rank's columns "
+        "[vocab_start, vocab_start + cols) of the logits; returns a ShardedRowsCall.");
   m.def("evaluate_tokens", &evaluate_tokens, "objective"_a, "student_logprobs"_a, "teacher_logprobs"_a, "origin"_a, "seq_offsets"_a,
         "sequence_ids"_a.none(), "old_logprobs"_a.none(), "student_entropy"_a.none(), "teacher_entropy"_a.none(), "rkl"_a.none(),
         "ref_logprobs"_a.none(), "teacher_topk_ids"_a.none(), "teacher_topk_logprobs"_a.none(), "student_topk_logprobs"_a.none(),

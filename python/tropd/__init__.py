@@ -5,6 +5,8 @@
 - ``tropd.presets``: the objective configs (``tropd.presets.tropd(k=64, beta=1e-3)``).
 - ``tropd.evaluate_rows`` / ``tropd.evaluate_tokens``: the framework-neutral calls on numpy (or any
   DLPack) arrays, writing caller-allocated outputs.
+- ``tropd.distributed``: the row level on vocabulary-sharded logits and data-parallel batches
+  over ``torch.distributed`` process groups (one all-gather of row records per call).
 
 ``import tropd`` does not import torch; ``tropd.torch`` does (torch >= 2.4).
 """
@@ -36,6 +38,6 @@ __all__ = [
 
 
 def __getattr__(name):  # tropd.torch on first use, so that `import tropd` needs no torch
-    if name == "torch":
-        return importlib.import_module(".torch", __name__)
+    if name in ("torch", "distributed"):
+        return importlib.import_module("." + name, __name__)
     raise AttributeError(f"module 'tropd' has no attribute {name!r}")

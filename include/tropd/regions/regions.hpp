@@ -67,6 +67,14 @@ concept trust_region = requires(const R& r, const token& tv, const batch_context
   { R::needs_teacher_entropy } -> std::convertible_to<bool>;
 };
 
+/// Whether a region decides every token from the token alone: it has no batch decision
+/// (`prepare`), so its decisions can be made on any part of a batch, e.g. chunk by chunk in
+/// the fused LM head (core/fused_lm_head.hpp: one sweep instead of two).
+template <class R>
+inline constexpr bool decides_per_token = !requires(const R& r, const batch_tokens& bt, batch_context& ctx, batch_storage& st) {
+  r.prepare(bt, ctx, st);
+};
+
 /// Every token is trusted (OPD).
 struct all_trusted {
   static constexpr const char* name = "all_trusted";
