@@ -163,7 +163,7 @@ inline float to_float_sat(double x) {
 }
 
 /// Stored element of type T nearest to x (16-bit types through the library's RNE from fp32,
-/// which tests/test_numerics.cpp checks against an independent rounding).
+/// which tests/core/test_types.cpp checks against an independent rounding).
 template <class T>
 T store(double x) {
   if constexpr (std::is_same_v<T, double>) return x;

@@ -11,7 +11,7 @@
 #            hidden): builds every CUDA target (tropd-cuda-all: each .cu for sm_80
 #            and sm_90), then ctest -L gpu, which is skipped (exit 77) without a GPU
 #   tsan     clang++ with TROPD_SANITIZE=thread in build/tsan; builds only
-#            tropd-concurrency-tests (tests/test_concurrency.cpp) and runs it
+#            tropd-concurrency-tests (tests/host/test_concurrency.cpp) and runs it
 #            (ctest -L concurrency, doctest filter -tc='*concurrency*')
 #   fuzz     clang++ libFuzzer + ASan + UBSan build of fuzz/ in build/fuzz; runs each
 #            target (rows, topk, objective) for TROPD_FUZZ_SECONDS (default 60) seeded
@@ -150,7 +150,7 @@ stage_cuda() {
 
 stage_tsan() {
   export TSAN_OPTIONS=${TSAN_OPTIONS:-halt_on_error=1:second_deadlock_stack=1}
-  # Only the concurrency cases (tests/test_concurrency.cpp): a small executable of their own.
+  # Only the concurrency cases (tests/host/test_concurrency.cpp): a small executable of their own.
   configure_build tsan build/tsan tropd-concurrency-tests \
     -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_COMPILER=clang++ \
     -DTROPD_SANITIZE=thread -DTROPD_INSTALL=OFF \
