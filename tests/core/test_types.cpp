@@ -6,6 +6,7 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <type_traits>
 
 #include <doctest/doctest.h>
 #include <tropd/tropd.hpp>
@@ -184,3 +185,31 @@ TEST_CASE("types: fp32 -> bf16 / fp16 rounding agrees with an independent round-
   CHECK(bad_fp == 0);
 }
 
+// ---------------------------------------------------------------------------
+// The work type of a pair of element types
+// ---------------------------------------------------------------------------
+
+namespace {
+
+/// work_type_t in a function template's signature, as user code (and the row functions)
+/// may write it: the alias must be built from library traits, since a compiler built-in
+/// trait there cannot be mangled (g++: "use of built-in trait in function signature";
+/// clang 14: "cannot yet mangle expression type TypeTraitExpr").
+template <class TS, class TT>
+tropd::work_type_t<TS, TT> work_sum(TS a, TT b) {
+  using W = tropd::work_type_t<TS, TT>;
+  return static_cast<W>(tropd::to_acc(a)) + static_cast<W>(tropd::to_acc(b));
+}
+
+}  // namespace
+
+TEST_CASE("types: work_type_t is double if either input is double, else float (also in a signature)") {
+  static_assert(std::is_same_v<tropd::work_type_t<float, float>, float>);
+  static_assert(std::is_same_v<tropd::work_type_t<double, float>, double>);
+  static_assert(std::is_same_v<tropd::work_type_t<tropd::bf16, double>, double>);
+  static_assert(std::is_same_v<tropd::work_type_t<tropd::bf16, tropd::fp16>, float>);
+  static_assert(std::is_same_v<decltype(work_sum(1.0f, 2.0)), double>);
+  static_assert(std::is_same_v<decltype(work_sum(tropd::bf16::from_float(1.0f), 2.0f)), float>);
+  CHECK(work_sum(1.5f, 2.25) == 3.75);
+  CHECK(work_sum(tropd::bf16::from_float(1.0f), tropd::fp16::from_float(2.0f)) == 3.0f);
+}
