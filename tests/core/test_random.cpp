@@ -1,5 +1,7 @@
 // Counter-based random numbers (core/random.hpp): Philox4x32-10 against Random123's
-// published known answers and its implementation; uniform draws.
+// published known answers and its implementation, and the packing of a draw_key (seed, step,
+// sequence, position, stream) into Philox's key and counter against an independent packing
+// on top of Random123 (tests/reference/philox_key.hpp).
 #include <stdint.h>
 
 #include <Random123/philox.h>
@@ -9,6 +11,8 @@
 
 #include <doctest/doctest.h>
 #include <tropd/tropd.hpp>
+
+#include "reference/philox_key.hpp"
 
 // ---------------------------------------------------------------------------
 // Philox4x32-10
@@ -100,3 +104,48 @@ TEST_CASE("random: uniform_open0_closed1 lies in (0, 1], is deterministic and ro
   CHECK(std::fabs(tropd::log_uniform(a) - std::log(ua)) <= 1e-15);
 }
 
+// ---------------------------------------------------------------------------
+// draw_key: how (seed, step, sequence, position, stream) key and counter Philox
+// ---------------------------------------------------------------------------
+
+TEST_CASE("random: draw_key's packing into Philox's key and counter against Random123 (known answers)") {
+  namespace pk = tropd_test::philox_key;
+  CHECK(tropd::streams::trust_region == 0x7472u);
+  CHECK(tropd::streams::prefix_fraction == 0x7066u);
+  // Stored answers (Random123 alone): pairs of rows differ only by a swap of sequence and
+  // position, or of seed and step, so a packing that mixes them up fails a row directly.
+  for (const pk::known_answer& k : pk::trust_region_answers) {
+    CAPTURE(k.seed);
+    CAPTURE(k.step);
+    CAPTURE(k.sequence);
+    CAPTURE(k.position);
+    const tropd::draw_key key{k.seed, k.step, k.sequence, k.position, tropd::streams::trust_region};
+    CHECK(tropd::random_bits64(key) == k.bits);
+    CHECK(static_cast<long double>(tropd::uniform_open0_closed1(key)) == pk::uniform(k.bits));
+    CHECK(std::fabs(static_cast<long double>(tropd::log_uniform(key)) - std::log(pk::uniform(k.bits))) <= 1e-15L);
+  }
+  // Random keys, both streams and an arbitrary one, high words in every field.
+  std::mt19937_64 rng(4711);
+  for (int i = 0; i < 2000; ++i) {
+    const uint64_t seed = rng(), step = i % 3 ? rng() : rng() & 0xffff, sequence = i % 5 ? rng() : rng() & 0xff,
+                   position = i % 2 ? rng() : rng() & 0xfff;
+    for (uint32_t stream : {tropd::streams::trust_region, tropd::streams::prefix_fraction, static_cast<uint32_t>(rng())}) {
+      const tropd::draw_key key{seed, step, sequence, position, stream};
+      const uint64_t want = pk::bits(seed, step, sequence, position, stream);
+      if (tropd::random_bits64(key) != want) {
+        CAPTURE(seed);
+        CAPTURE(step);
+        CAPTURE(sequence);
+        CAPTURE(position);
+        CAPTURE(stream);
+        CHECK(tropd::random_bits64(key) == want);
+      }
+      CHECK(static_cast<long double>(tropd::uniform_open0_closed1(key)) == pk::uniform(want));
+    }
+  }
+  // Swapping two fields of a key changes the draw (here, for every pair of distinct values).
+  const tropd::draw_key a{11, 22, 33, 44, tropd::streams::trust_region};
+  CHECK(tropd::random_bits64(a) != tropd::random_bits64({11, 22, 44, 33, tropd::streams::trust_region}));
+  CHECK(tropd::random_bits64(a) != tropd::random_bits64({22, 11, 33, 44, tropd::streams::trust_region}));
+  CHECK(tropd::random_bits64(a) != tropd::random_bits64({11, 33, 22, 44, tropd::streams::trust_region}));
+}
