@@ -9,7 +9,8 @@
 #   cuda     TROPD_ENABLE_CUDA=ON in build/cuda (needs nvcc), configured as on a bare
 #            GPU machine (scripts/pack_gpu_deps.sh's prefix, system package paths
 #            hidden): builds every CUDA target (tropd-cuda-all: each .cu for sm_80
-#            and sm_90), then ctest -L gpu, which is skipped (exit 77) without a GPU
+#            and sm_90) and each public .cuh compiled alone (tropd-header-check-cuda),
+#            then ctest -L gpu, which is skipped (exit 77) without a GPU
 #   tsan     clang++ with TROPD_SANITIZE=thread in build/tsan; builds only
 #            tropd-concurrency-tests (tests/host/test_concurrency.cpp) and runs it
 #            (ctest -L concurrency, doctest filter -tc='*concurrency*')
@@ -136,7 +137,7 @@ stage_cuda() {
     note_failure "cuda: scripts/pack_gpu_deps.sh"
     return
   fi
-  CUDACXX=$nvcc configure_build cuda build/cuda tropd-cuda-all \
+  CUDACXX=$nvcc configure_build cuda build/cuda "tropd-cuda-all tropd-header-check-cuda" \
     -DCMAKE_BUILD_TYPE=Release -DTROPD_ENABLE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="80;90" \
     -DTROPD_BUILD_EXAMPLES=OFF \
     -DCMAKE_PREFIX_PATH="$PWD/build/gpu-deps" -UEigen3_DIR -Udoctest_DIR -Ubenchmark_DIR \
