@@ -191,7 +191,8 @@ inline tropd::status token_issue(const cfg& c, int i) {
   if (c.has_s_old && !std::isfinite(c.s_old[u])) return make_error(errc::non_finite_input, "", i);
   if (c.has_hs && bad(c.hs[u], false)) return make_error(errc::non_finite_input, "", i);
   if (c.has_ht && bad(c.ht[u], false)) return make_error(errc::non_finite_input, "", i);
-  if (c.has_rkl && bad(c.rkl[u], false)) return make_error(errc::non_finite_input, "", i);
+  // A per-position KL may be +inf (a support mismatch; C3, fixed): only NaN and -inf are bad.
+  if (c.has_rkl && (std::isnan(c.rkl[u]) || c.rkl[u] == -finf)) return make_error(errc::non_finite_input, "", i);
   if (c.has_ref && bad(c.ref[u], true)) return make_error(errc::non_finite_input, "", i);
   if (needs_topk(c.preset) && f == 2) {
     for (int k = 0; k < c.K; ++k) {
