@@ -440,8 +440,11 @@ void run_with(const Obj& obj, const cfg& c) {
   // ---- Range of the fp32 outputs (documented in host/objective.hpp, check_output_range):
   // before anything is written, a token whose 2 (|w dL/ds| + sum_k |w dL/dlog p_k|), |A| or
   // |L_i| exceeds FLT_MAX fails the call (infinite_divergence at that token). Within 1e-6 of
-  // the limit either answer is accepted.
-  constexpr ld fmax = std::numeric_limits<float>::max();
+  // the limit either answer is accepted. The limit is that of the narrowest per-token output
+  // the call requested (token_stages.hpp, output_limit): FLT_MAX when an fp32 output (dL/ds,
+  // advantage, top-k gradient) is requested, else DBL_MAX (only the loss and the flags).
+  const bool fp32_outputs = c.want_ds || c.want_adv || (c.want_topk && K > 0);
+  const ld fmax = fp32_outputs ? ld(std::numeric_limits<float>::max()) : dmax;
   int range_strict = -1;
   std::vector<int> range_maybe;
   for (int i = 0; i < n; ++i) {
