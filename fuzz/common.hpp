@@ -8,14 +8,10 @@
 //   real input bytes only and when the case allows them, -inf, NaN, +inf, the largest
 //   finite value of the element type, 1e300 (overflows every type but double) and a
 //   subnormal.
-// - `outcome`s: what the oracle accepts for a row or token: a documented error (code and
-//   position) or a value. An outcome may carry a `known` tag naming an open library issue
-//   (docs/robustness.md, "Known issues"): matching it fails the check with that tag, and the
-//   libFuzzer wrappers skip such inputs when TROPD_FUZZ_IGNORE_KNOWN=1 (the test.sh stage),
-//   so fuzzing keeps looking for new problems while the corpus replay keeps failing until
-//   the issue is fixed.
 // - poison: outputs are filled with a NaN bit pattern before every call; a failed call must
 //   leave them bit-identical, a successful one must overwrite every element with a finite value.
+// How a call's answer is judged against what the oracle accepts (outcomes, per-row
+// expectations, the judges every target shares) is fuzz/judge.hpp.
 #pragma once
 
 #include <stdint.h>
@@ -163,7 +159,7 @@ inline float to_float_sat(double x) {
 }
 
 /// Stored element of type T nearest to x (16-bit types through the library's RNE from fp32,
-/// which tests/test_numerics.cpp checks against an independent rounding).
+/// which tests/core/test_types.cpp checks against an independent rounding).
 template <class T>
 T store(double x) {
   if constexpr (std::is_same_v<T, double>) return x;
@@ -269,106 +265,6 @@ bool all_poison(const std::vector<T>& v) {
     if (!is_poison(x)) return false;
   return true;
 }
-
-// ---------------------------------------------------------------------------
-// Outcomes.
-// ---------------------------------------------------------------------------
-
-inline constexpr index_t any_pos = -2;
-
-/// One acceptable error: a code and a position (any_pos: not checked).
-struct error_outcome {
-  errc code = errc::ok;
-  index_t row = -1, col = -1;
-  std::string known;  ///< non-empty: accepted only as a known open issue
-};
-
-inline bool matches(const tropd::status& st, const error_outcome& e) {
-  return st.code == e.code && (e.row == any_pos || st.row == e.row) && (e.col == any_pos || st.col == e.col);
-}
-
-inline std::string status_str(const tropd::status& st) {
-  return cat(code_name(st.code), " (row ", st.row, ", col ", st.col, ") \"", st.detail ? st.detail : "", "\"");
-}
-inline std::string outcome_str(const error_outcome& e) {
-  return cat(code_name(e.code), " (row ", e.row == any_pos ? std::string("*") : std::to_string(e.row), ", col ",
-             e.col == any_pos ? std::string("*") : std::to_string(e.col), ")", e.known.empty() ? "" : " [known " + e.known + "]");
-}
-
-/// The errors a row accepts (first-pass and output-check errors), for messages.
-template <class RX>
-std::string accepted_str(const RX& e) {
-  std::string acc;
-  for (const auto& eo : e.errors) acc += outcome_str(eo) + "; ";
-  for (const auto& eo : e.late) acc += outcome_str(eo) + " [output check]; ";
-  if (e.value_ok) acc += "a value";
-  return acc.empty() ? std::string("nothing") : acc;
-}
-
-/// Judges a failed row call (rows and topk targets) against the per-row expectations `rx`
-/// (fields errors, late, value_ok, tag, grad_beyond): the error must be acceptable at its row, every
-/// earlier row must accept a value, losses stay untouched. Gradients: after a first-pass
-/// error untouched (fused order: the rows before the failing one are written; D1: with
-/// threads > 1 also rows after it); after an output-check error (`late`: a loss or gradient
-/// that does not fit its type) gradient rows may be partly written, and a written failing
-/// row is finite before the reported column and not finite at it.
-template <class RX, class G>
-void judge_failure(const tropd::status& st, const std::vector<RX>& rx, const std::vector<double>& loss, const std::vector<G>& grad,
-                   int g_cols, bool want_grad, bool fused, int threads) {
-  const int N = static_cast<int>(rx.size());
-  const int fr = static_cast<int>(st.row);
-  if (fr < 0 || fr >= N) fail(cat("error without a valid row: ", status_str(st)));
-  const RX& e = rx[static_cast<size_t>(fr)];
-  const error_outcome *early = nullptr, *late = nullptr;
-  for (const auto& eo : e.errors)
-    if (matches(st, eo) && (!early || eo.known.empty())) early = &eo;
-  for (const auto& eo : e.late)
-    if (matches(st, eo) && (!late || eo.known.empty())) late = &eo;
-  if (!early && !late) fail(cat("row ", fr, ": got ", status_str(st), ", accepted: ", accepted_str(e)), e.tag);
-  const std::string msg = st.message();
-  const bool output_check = msg.find("does not fit the output type") != std::string::npos || msg.find("loss is not finite") != std::string::npos;
-  for (int r = 0; r < fr; ++r) {
-    const RX& er = rx[static_cast<size_t>(r)];
-    if (er.value_ok) continue;
-    // Documented (D2): in the non-fused order the output checks run after the first pass of
-    // every row, so a first-pass error of any row comes before an earlier row's gradient that
-    // does not fit; among output-check errors the first row in row order is reported.
-    // (The library's output-check errors say so in their sentence: a gradient value that
-    // "does not fit the output type", or a "loss is not finite"; anything else came from
-    // the statistics pass.)
-    if (!fused && er.grad_beyond && !output_check) continue;
-    fail(cat("error reported at row ", fr, " (", status_str(st), ") but row ", r, " expects ", accepted_str(er)), er.tag);
-  }
-  if (!all_poison(loss)) fail("loss written by a failed call");
-  const auto at = [&](int r, int v) { return grad[static_cast<size_t>(r * g_cols + v)]; };
-  if (late) {
-    if (want_grad && st.col >= 0 && st.col < g_cols) {
-      bool written = false;
-      for (int v = 0; v < g_cols; ++v) written = written || !is_poison(at(fr, v));
-      if (written) {
-        for (int v = 0; v < st.col; ++v)
-          if (!std::isfinite(static_cast<double>(at(fr, v))))
-            fail(cat("output-check error ", status_str(st), " but column ", v, " of the row holds ", static_cast<double>(at(fr, v))));
-        if (std::isfinite(static_cast<double>(at(fr, static_cast<int>(st.col)))))
-          fail(cat("output-check error ", status_str(st), " but the reported column holds the finite ",
-                   static_cast<double>(at(fr, static_cast<int>(st.col)))));
-      }
-    }
-  } else if (!fused) {
-    if (!all_poison(grad)) fail("gradient written by a failed call (non-fused order)");
-  } else {
-    for (int r = fr; r < N && want_grad; ++r) {
-      if (threads > 1 && r > fr) continue;
-      for (int v = 0; v < g_cols; ++v)
-        if (!is_poison(at(r, v))) fail(cat("fused order: gradient row ", r, " written although row ", fr, " failed"));
-    }
-  }
-  const std::string& known = late ? late->known : early->known;
-  if (!known.empty()) fail(cat("row ", fr, ": ", status_str(st), " accepted only as known issue ", known), known);
-}
-
-/// |got - ref| <= tol, with NaN/inf in `got` always failing.
-inline bool close(ld got, ld ref, ld tol) { return std::isfinite(got) && std::fabs(got - ref) <= tol; }
 
 /// Machine epsilon of the work type the library uses for a pair of element types.
 template <class TS, class TT>

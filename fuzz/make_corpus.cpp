@@ -10,7 +10,7 @@
 // Files are named <verdict>-<class>-<answer>-<index>, so the corpus documents what it
 // covers; rerunning the generator gives the same files for the same library behaviour.
 // Inputs that reproduce a known open issue are written to <corpus>/../known/<target>/. Known-issue inputs are kept (one per issue):
-// tests/test_fuzz_corpus.cpp fails on them until the issue is fixed.
+// tests/fuzz/test_fuzz_corpus.cpp fails on them until the issue is fixed.
 #include <stdint.h>
 
 #include <cstdio>
@@ -135,7 +135,7 @@ int main(int argc, char** argv) {
       if (verdict == "pass") outcomes[answer]++;
       const std::string fname = clean(verdict + "-" + cls + "-" + answer) + "-" + std::to_string(kept);
       // Inputs that reproduce an open issue go to <corpus>/../known/<target>/ (fuzz/known/):
-      // the corpus itself passes; tests/test_fuzz_corpus.cpp replays both.
+      // the corpus itself passes; tests/fuzz/test_fuzz_corpus.cpp replays both.
       auto out_dir = dir;
       if (verdict != "pass") {
         out_dir = root / ".." / "known" / p.name;

@@ -38,7 +38,7 @@
 //     comes before an earlier row's output-check error (D2, documented; common.hpp).
 #pragma once
 
-#include "common.hpp"
+#include "judge.hpp"
 #include "reference/naive.hpp"
 
 namespace tropd_fuzz::rows {
@@ -103,46 +103,15 @@ inline naive::usage sampled_usage(int e) {
   return (e == e_k2_loss || e == e_k3_loss) ? naive::usage::loss : naive::usage::pg_reward;
 }
 
-/// What the oracle accepts for one row.
-struct row_expect {
-  std::vector<error_outcome> errors;  ///< acceptable errors found by the first pass (outputs untouched)
-  /// acceptable errors of the output checks (a loss or gradient that does not fit its type):
-  /// losses untouched, gradient rows may be partly written (docs/robustness.md, section 1)
-  std::vector<error_outcome> late;
-  bool value_ok = true;               ///< a successful result is acceptable
-  bool strict = false;                ///< the expected error follows from the input alone (not from the range zone)
-  std::string tag;                    ///< a mismatch at this row is this known issue (none open)
-  bool grad_beyond = false;           ///< no value only because the gradient is clearly beyond its type (D2)
-  ld loss = 0;
-  std::vector<ld> grad;               ///< [V] reference gradient (scaled), when checked
-  ld loss_tol = 0;
-  std::vector<ld> grad_tol;
-  bool check_grad = true;
-  bool range = false;                 ///< finite scaled logits (or their spread) near the work type's limit
-  bool has_ref = false;               ///< loss / grad hold a reference (else only finiteness is checked)
-  bool huge = false;                  ///< a finite logit of magnitude near the work type's limit (B8)
-};
-
 /// K4 / R2 (fixed): a gradient that does not fit the output type G, or whose intermediate
-/// (grad_scale / T_S) * coefficient does not fit the work type, is infinite_divergence (row,
-/// first non-finite column), never an ok status with a non-finite entry. Near the edge either
-/// outcome is accepted (a finite result is still compared with the reference); clearly beyond
-/// it only the error. `coef`: the largest intermediate besides the gradient itself.
+/// (grad_scale / T_S) * coefficient does not fit the work type, is an output-check error
+/// (judge.hpp, expect_gradient_overflow). `coef`: the largest intermediate besides the gradient.
 inline void gradient_overflow(row_expect& e, ld scale, int r, ld maxG, ld maxW, ld coef = 0) {
   const ld lim = std::min(maxG, maxW);
   ld gmax = 0;
-  bool beyond = false;  // an entry above the range even after its tolerance
-  for (size_t i = 0; i < e.grad.size(); ++i) {
-    const ld g = e.grad[i];
-    gmax = std::isnan(g) ? ldinf : std::max(gmax, std::fabs(g));
-    if (std::fabs(g) - e.grad_tol[i] > 2 * lim) beyond = true;
-  }
+  for (ld g : e.grad) gmax = std::isnan(g) ? ldinf : std::max(gmax, std::fabs(g));
   if (!(gmax <= lim / 2) || !(coef <= lim / 2) || std::fabs(scale) > maxW / 2) {
-    e.late.push_back({errc::infinite_divergence, r, any_pos, ""});
-    if (beyond && e.check_grad && e.value_ok) {
-      e.value_ok = false;
-      e.grad_beyond = true;
-    }
+    expect_gradient_overflow(e, r, lim);
     if (!std::isfinite(gmax)) e.check_grad = false;
   }
 }
@@ -449,18 +418,8 @@ void run(const cfg& c, input& in) {
     if (c.want_grad) gradient_overflow(e, scale, r, maxG, maxW, dlds_box * std::fabs(scale));
   }
 
-  // grad_scale / T_S below the work type's normal range is flushed by the library (the
-  // gradient is formed as (grad_scale / T_S) * dL/da in the work type): gradients may be 0.
-  for (int r = 0; r < N && global.empty(); ++r) {
-    const ld gs = c.gscale.empty() ? 1 : c.gscale[static_cast<size_t>(r)];
-    auto& e = rx[static_cast<size_t>(r)];
-    if (gs != 0 && std::fabs(gs / c.Ts) < 64 * minW)
-      for (size_t i = 0; i < e.grad_tol.size(); ++i) e.grad_tol[i] += std::fabs(e.grad[i]);
-  }
-  // In the range zone a result (compared with a tolerance as wide as the input's precision)
-  // stays acceptable whatever the reference says, unless the input alone decides the error.
-  for (auto& e : rx)
-    if (e.range && !e.strict) e.value_ok = true;
+  if (global.empty()) tolerate_flushed_grad_scale(rx, c.gscale, c.Ts, minW);
+  accept_values_in_range_zone(rx);
 
   // ---- Call the library.
   const auto sview = tropd::matrix_view<const TS>{zs.data(), rows_n, V, stride};
@@ -505,43 +464,7 @@ void run(const cfg& c, input& in) {
     for (double x : s_old) so += cat(" ", x);
     std::fprintf(stderr, "%s\nstatus: %s\n", so.c_str(), st.ok() ? "ok" : status_str(st).c_str());
   }
-  if (!global.empty()) {
-    if (st.ok() || !matches(st, global[0]))
-      fail(cat("expected ", outcome_str(global[0]), ", got ", st.ok() ? std::string("ok") : status_str(st)));
-    if (!all_poison(loss) || !all_poison(grad)) fail("outputs written by a call that failed validation");
-    return;
-  }
-  if (!st.ok()) {
-    judge_failure(st, rx, loss, grad, g_cols, c.want_grad, c.fused, c.threads);
-    return;
-  }
-  // Success: every row must accept a value, finite and close to the reference (R2, fixed: an
-  // ok status with a non-finite loss or gradient is a failure wherever the logits are).
-  for (int r = 0; r < N; ++r) {
-    const row_expect& e = rx[static_cast<size_t>(r)];
-    if (!e.value_ok) fail(cat("row ", r, " expects ", accepted_str(e), ", got ok (loss ", loss[static_cast<size_t>(r)], ")"), e.tag);
-  }
-  for (int r = 0; r < N; ++r) {
-    const row_expect& e = rx[static_cast<size_t>(r)];
-    const double got = loss[static_cast<size_t>(r)];
-    if (!std::isfinite(got))
-      fail(cat("row ", r, ": non-finite loss ", got, " with an ok status (reference ", static_cast<double>(e.loss), ")"));
-    const std::string mm_known;  // (B8, huge logits: fixed, no longer tolerated)
-    if (e.has_ref && !close(got, e.loss, e.loss_tol))
-      fail(cat("row ", r, ": loss ", got, " vs reference ", static_cast<double>(e.loss), " (tolerance ", static_cast<double>(e.loss_tol), ")"),
-           mm_known);
-    if (!c.want_grad) continue;
-    for (int v = 0; v < V; ++v) {
-      const G gv = grad[static_cast<size_t>(r * V + v)];
-      if (!std::isfinite(static_cast<double>(gv)))
-        fail(cat("row ", r, " col ", v, ": non-finite gradient ", static_cast<double>(gv), " with an ok status (reference ",
-                 static_cast<double>(e.grad[static_cast<size_t>(v)]), ")"));
-      if (e.has_ref && e.check_grad && !close(gv, e.grad[static_cast<size_t>(v)], e.grad_tol[static_cast<size_t>(v)]))
-        fail(cat("row ", r, " col ", v, ": gradient ", static_cast<double>(gv), " vs reference ",
-                 static_cast<double>(e.grad[static_cast<size_t>(v)]), " (tolerance ", static_cast<double>(e.grad_tol[static_cast<size_t>(v)]), ")"),
-             mm_known);
-    }
-  }
+  judge_rows(st, global, rx, loss, grad, V, g_cols, c.want_grad, c.fused, c.threads);
 }
 
 /// The subset of estimators (reverse KL, JSD, k1 reward, k3 loss) for the other type pairs.

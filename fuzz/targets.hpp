@@ -6,7 +6,7 @@
 //
 // Each returns a tropd_fuzz::result (ok, or a message naming the mismatch and the decoded
 // case; `known` names an open library issue of docs/robustness.md). The libFuzzer entry
-// points (fuzz/fuzz_*.cpp) abort on a failed result; tests/test_fuzz_corpus.cpp replays
+// points (fuzz/fuzz_*.cpp) abort on a failed result; tests/fuzz/test_fuzz_corpus.cpp replays
 // fuzz/corpus/<target>/* through the same functions as ordinary doctest cases.
 //
 // Needs tests/ on the include path (the naive references under tests/reference/).

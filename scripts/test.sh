@@ -9,9 +9,10 @@
 #   cuda     TROPD_ENABLE_CUDA=ON in build/cuda (needs nvcc), configured as on a bare
 #            GPU machine (scripts/pack_gpu_deps.sh's prefix, system package paths
 #            hidden): builds every CUDA target (tropd-cuda-all: each .cu for sm_80
-#            and sm_90), then ctest -L gpu, which is skipped (exit 77) without a GPU
+#            and sm_90) and each public .cuh compiled alone (tropd-header-check-cuda),
+#            then ctest -L gpu, which is skipped (exit 77) without a GPU
 #   tsan     clang++ with TROPD_SANITIZE=thread in build/tsan; builds only
-#            tropd-concurrency-tests (tests/test_concurrency.cpp) and runs it
+#            tropd-concurrency-tests (tests/host/test_concurrency.cpp) and runs it
 #            (ctest -L concurrency, doctest filter -tc='*concurrency*')
 #   fuzz     clang++ libFuzzer + ASan + UBSan build of fuzz/ in build/fuzz; runs each
 #            target (rows, topk, objective) for TROPD_FUZZ_SECONDS (default 60) seeded
@@ -149,7 +150,7 @@ stage_cuda() {
     note_failure "cuda: scripts/pack_gpu_deps.sh"
     return
   fi
-  CUDACXX=$nvcc configure_build cuda build/cuda tropd-cuda-all \
+  CUDACXX=$nvcc configure_build cuda build/cuda "tropd-cuda-all tropd-header-check-cuda" \
     -DCMAKE_BUILD_TYPE=Release -DTROPD_ENABLE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="80;90" \
     -DTROPD_BUILD_EXAMPLES=OFF \
     -DCMAKE_PREFIX_PATH="$PWD/build/gpu-deps" -UEigen3_DIR -Udoctest_DIR -Ubenchmark_DIR \
@@ -163,7 +164,7 @@ stage_cuda() {
 
 stage_tsan() {
   export TSAN_OPTIONS=${TSAN_OPTIONS:-halt_on_error=1:second_deadlock_stack=1}
-  # Only the concurrency cases (tests/test_concurrency.cpp): a small executable of their own.
+  # Only the concurrency cases (tests/host/test_concurrency.cpp): a small executable of their own.
   configure_build tsan build/tsan tropd-concurrency-tests \
     -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_COMPILER=clang++ \
     -DTROPD_SANITIZE=thread -DTROPD_INSTALL=OFF \

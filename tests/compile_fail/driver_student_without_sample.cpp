@@ -10,7 +10,7 @@
 #include <tropd/runtime/driver.hpp>
 #include <tropd/schedules/prefix.hpp>
 
-#include "mock_runtime.hpp"
+#include "runtime/mock_runtime.hpp"
 
 namespace {
 

@@ -33,7 +33,7 @@ Obj with_k(Obj o, int64_t K) {
 }
 
 /// Storage value of type T nearest to x (16-bit types via the library's fp32 rounding,
-/// which tests/test_numerics.cpp checks against an independent rounding reference).
+/// which tests/core/test_types.cpp checks against an independent rounding reference).
 template <class T>
 T make(double x) {
   if constexpr (std::is_same_v<T, tropd::bf16>)

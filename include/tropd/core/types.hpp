@@ -92,6 +92,6 @@ concept grad_element = __is_same(T, float) || __is_same(T, double);
 /// The type the row passes of both backends compute in for student / teacher logits of types
 /// TS and TT: double if either is double, else float (16-bit inputs widen to float).
 template <class TS, class TT>
-using work_type_t = std::conditional_t<__is_same(TS, double) || __is_same(TT, double), double, float>;
+using work_type_t = std::conditional_t<std::is_same_v<TS, double> || std::is_same_v<TT, double>, double, float>;
 
 }  // namespace tropd

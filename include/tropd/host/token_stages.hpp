@@ -408,7 +408,7 @@ inline void write_token_outputs(const token_batch& b, const applied& a, const st
     if (o.advantage.size) o.advantage.set(i, r.advantage);
     if (o.flags.size) o.flags[i] = r.flags;
     if (o.dloss_dtopk.rows)
-      for (index_t k = 0; k < a.K; ++k) o.dloss_dtopk.set(i, k, wi * folded_topk(b, a, i, k));
+      for (index_t k = 0; k < o.dloss_dtopk.cols; ++k) o.dloss_dtopk.set(i, k, k < a.K ? wi * folded_topk(b, a, i, k) : 0.0);
   }
 }
 

@@ -1,5 +1,5 @@
 // Tests of tropd/runtime/driver.hpp (distill_step) and tropd/runtime/concepts.hpp
-// (method.md 4.4 and 7), driven through the closed-form mock models of tests/mock_runtime.hpp.
+// (method.md 4.4 and 7), driven through the closed-form mock models of tests/runtime/mock_runtime.hpp.
 //
 // Expected values are independent computations: the batch layout is rebuilt from the
 // documented plan rules (schedules/plan.hpp) and the cosine closed form; both models'
@@ -27,7 +27,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "mock_runtime.hpp"
+#include "runtime/mock_runtime.hpp"
 #include "reference/naive.hpp"
 
 namespace {

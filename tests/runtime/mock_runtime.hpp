@@ -1,4 +1,4 @@
-// tests/mock_runtime.hpp: mock student and teacher models for the step driver
+// tests/runtime/mock_runtime.hpp: mock student and teacher models for the step driver
 // (tropd/runtime/driver.hpp), with next-token distributions known in closed form.
 //
 // A model is a `closed_form`: over a vocabulary of V ids, the logits at a position are

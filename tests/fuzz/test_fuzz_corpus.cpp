@@ -19,7 +19,7 @@
 
 #include <doctest/doctest.h>
 
-#include "../fuzz/targets.hpp"
+#include "../../fuzz/targets.hpp"
 
 #ifndef TROPD_FUZZ_CORPUS_DIR
 #error "tests/CMakeLists.txt defines TROPD_FUZZ_CORPUS_DIR (the fuzz corpus)"
