@@ -91,39 +91,6 @@ __device__ pass1_partial block_pass1(const TS* zs, const TT* zt, index_t V, doub
   return p;
 }
 
-/// What a row's merged pass-1 result means (host row_pass1's order): the first bad logit
-/// (non_finite_input / unsupported), a flagged row without one (the device's base-2 range),
-/// then a student / teacher row without a finite entry. ok: `summary` is set.
-struct pass1_verdict {
-  errc code = errc::ok;
-  check_site site = check_site::none;
-  index_t col = -1;
-};
-template <estimators::moments_needed M>
-__device__ __forceinline__ pass1_verdict row_pass1_status(const pass1_partial& p, bool has_t, estimators::row_summary& summary) {
-  pass1_verdict v;
-  if (p.bad != pass1_partial::bad_none) {
-    v.code = static_cast<errc>(p.bad % 16);
-    const int64_t key = p.bad / 16;
-    const bool teacher = pass1_error_teacher(key) != 0;
-    v.col = pass1_error_col(key);
-    v.site = v.code == errc::unsupported ? (teacher ? check_site::teacher_scaled : check_site::student_scaled)
-                                          : (teacher ? check_site::teacher_logits : check_site::student_logits);
-  } else if (p.needs_rescan(has_t)) {
-    v.code = errc::unsupported;
-    v.site = check_site::base2_range;
-  } else if (!(p.m.mass_s > 0)) {
-    v.code = errc::no_finite_entry;
-    v.site = check_site::student_row_empty;
-  } else if (has_t && !(p.m.mass_t > 0)) {
-    v.code = errc::no_finite_entry;
-    v.site = check_site::teacher_row_empty;
-  } else {
-    summary = finish_summary<M>(p.m, has_t);
-  }
-  return v;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Pass 1b
 // ---------------------------------------------------------------------------------------------
@@ -201,21 +168,6 @@ __device__ sum2 block_second(const Est& est, const TS* zs, const TT* zt, index_t
 // Pass 2
 // ---------------------------------------------------------------------------------------------
 
-/// One element of pass 2 without the sparse entries: G(wd est.grad - wg p) (wd, wg in W).
-template <class W, class Est, class G>
-__device__ __forceinline__ G grad_value(const Est& est, const prob_split<W>& ps, const prob_split<W>& pt, W z, W u, W wd, W wg,
-                                        const estimators::row_summary& s) {
-  const W xs = ps.exponent(z);
-  const W p = ps.prob(xs);
-  if constexpr (!reads_teacher<Est>) {
-    return static_cast<G>(-wg * p);
-  } else {
-    const W xt = pt.exponent(u);
-    const W q = reads_q<Est> ? pt.prob(xt) : W(0);
-    return static_cast<G>(wd * dense_grad<W>(est, ps.log_prob(xs), pt.log_prob(xt), p, q, s) - wg * p);
-  }
-}
-
 template <class W, class Est, class TS, class TT, class G>
 struct grad_walk {
   static constexpr bool teacher = reads_teacher<Est>;
@@ -291,23 +243,12 @@ __device__ void block_grad(const Est& est, const TS* zs, const TT* zt, G* out, i
   __syncthreads();  // the block's dense values are visible to every thread of the block
   const col_range r = columns_of<VW>(g, b, S);
   bool bad = !is_finite(f.check);
-  // The listed entries (unique ids; core/sparse_terms.hpp), each with the sampled token's
-  // coefficient where it has the same id, then the sampled token elsewhere: the host's order.
+  // The sparse entries in the share (sparse_entry_value: the host's order per id).
   for (int e = static_cast<int>(threadIdx.x); e < sp.n; e += block_threads) {
     const int32_t j = sp.ids[e];
     if (j < r.c0 || j >= r.c1) continue;
-    if (e >= sp.n_listed && c.y_listed_at >= 0) continue;  // added with its list entry
     G v;
-    if (e < sp.n_listed && c.split) {
-      const W z = widen<W>(zs[j]);
-      const W u = reads_teacher<Est> ? widen<W>(zt[j]) : W(0);
-      const G dense_only = grad_value<W, Est, G>(est, ps, pt, z, u, wd, W(0), s);
-      v = listed_base<G>(dense_only, double(ps.prob(ps.exponent(z))), c.wl);
-    } else {
-      v = out[j];
-    }
-    v += static_cast<G>(sp.coef[e] * c.scale);
-    if (e == c.y_listed_at) v += static_cast<G>(sp.coef[c.y_entry] * c.scale);
+    if (!sparse_entry_value<W, Est, G>(est, ps, pt, zs, zt_read, out, sp, c, e, wd, s, v)) continue;
     out[j] = v;
     bad = bad || !is_finite(v);
   }

@@ -31,6 +31,7 @@
 #include <tropd/core/types.hpp>
 #include <tropd/estimators/full_vocab.hpp>
 #include <tropd/estimators/row_moments.hpp>
+#include <tropd/gpu/plan.hpp>
 
 namespace tropd::gpu::detail {
 
@@ -107,6 +108,51 @@ TROPD_HD inline errc scaled_error(T raw, W inv_t) noexcept {
   const bool finite_in = is_finite(to_acc(raw));
   if (x == -inf<W>() && !finite_in) return errc::ok;  // a -inf input: zero mass, legal
   return finite_in ? errc::unsupported : errc::non_finite_input;
+}
+
+/// Bytes of a vector store of N values of G (16 at most).
+template <class G, int N>
+inline constexpr int store_align = (N * int(sizeof(G))) >= 16 ? 16 : N * int(sizeof(G));
+
+/// A row's geometry for vectors of VW elements: `head` scalar columns up to the student row's
+/// first 16-byte boundary, `nvec` vectors, a scalar tail. `vector` is false when the teacher or
+/// output row is not aligned like the student row at the head (other strides or types): the
+/// row is then walked as V vectors of one element (every block still takes its share).
+struct row_geometry {
+  index_t head = 0, nvec = 0, V = 0;
+  bool vector = false;
+};
+
+template <int VW, class TS, class TT, class G>
+TROPD_HD inline row_geometry make_geometry(const TS* zs, const TT* zt, const G* out, index_t V) {
+  row_geometry g;
+  g.V = V;
+  const uintptr_t as = reinterpret_cast<uintptr_t>(zs);
+  bool ok = VW > 1 && (as % sizeof(TS)) == 0;
+  index_t head = 0;
+  if (ok) {
+    const index_t mis = index_t((as / sizeof(TS)) % VW);
+    head = mis ? VW - mis : 0;
+    if (head > V) head = V;
+    if (zt) ok = ok && (reinterpret_cast<uintptr_t>(zt + head) % (uintptr_t(VW) * sizeof(TT))) == 0;
+    if (out) ok = ok && (reinterpret_cast<uintptr_t>(out + head) % uintptr_t(store_align<G, VW>)) == 0;
+  }
+  if (ok) {
+    g.vector = true;
+    g.head = head;
+    g.nvec = (V - head) / VW;
+  } else {
+    g.vector = false;
+    g.head = 0;
+    g.nvec = V;
+  }
+  return g;
+}
+
+/// The columns [c0, c1) of block b of S under geometry g (what sweep visits).
+template <int VW>
+TROPD_HD inline col_range columns_of(const row_geometry& g, int b, int S) {
+  return g.vector ? block_columns(g.V, g.head, g.nvec, VW, b, S) : block_columns(g.V, 0, g.V, 1, b, S);
 }
 
 /// Vectors a thread sums in W before merging the sums into its fp64 row_moments (so no W sum
@@ -422,6 +468,79 @@ TROPD_HD inline grad_coefs make_grad_coefs(const sparse_terms& sp, double scale,
       if (sp.ids[e] == sp.ids[c.y_entry]) c.y_listed_at = e;
   }
   return c;
+}
+
+/// What a row's merged pass-1 result means (host row_pass1's order): the first bad logit
+/// (non_finite_input / unsupported), a flagged row without one (the device's base-2 range),
+/// then a student / teacher row without a finite entry. ok: `summary` is set.
+struct pass1_verdict {
+  errc code = errc::ok;
+  check_site site = check_site::none;
+  index_t col = -1;
+};
+template <estimators::moments_needed M>
+TROPD_HD inline pass1_verdict row_pass1_status(const pass1_partial& p, bool has_t, estimators::row_summary& summary) {
+  pass1_verdict v;
+  if (p.bad != pass1_partial::bad_none) {
+    v.code = static_cast<errc>(p.bad % 16);
+    const int64_t key = p.bad / 16;
+    const bool teacher = pass1_error_teacher(key) != 0;
+    v.col = pass1_error_col(key);
+    v.site = v.code == errc::unsupported ? (teacher ? check_site::teacher_scaled : check_site::student_scaled)
+                                          : (teacher ? check_site::teacher_logits : check_site::student_logits);
+  } else if (p.needs_rescan(has_t)) {
+    v.code = errc::unsupported;
+    v.site = check_site::base2_range;
+  } else if (!(p.m.mass_s > 0)) {
+    v.code = errc::no_finite_entry;
+    v.site = check_site::student_row_empty;
+  } else if (has_t && !(p.m.mass_t > 0)) {
+    v.code = errc::no_finite_entry;
+    v.site = check_site::teacher_row_empty;
+  } else {
+    summary = finish_summary<M>(p.m, has_t);
+  }
+  return v;
+}
+
+/// One element of pass 2 without the sparse entries: G(wd est.grad - wg p) (wd, wg in W).
+template <class W, class Est, class G>
+TROPD_HD inline G grad_value(const Est& est, const prob_split<W>& ps, const prob_split<W>& pt, W z, W u, W wd, W wg,
+                                        const estimators::row_summary& s) {
+  const W xs = ps.exponent(z);
+  const W p = ps.prob(xs);
+  if constexpr (!reads_teacher<Est>) {
+    return static_cast<G>(-wg * p);
+  } else {
+    const W xt = pt.exponent(u);
+    const W q = reads_q<Est> ? pt.prob(xt) : W(0);
+    return static_cast<G>(wd * dense_grad<W>(est, ps.log_prob(xs), pt.log_prob(xt), p, q, s) - wg * p);
+  }
+}
+
+/// The value pass 2 writes at the id of sparse entry e, given the dense values already
+/// written (out), or false where entry e adds nothing on its own (the row's token at a listed
+/// id: added with its list entry). The host's row_pass2 order: a listed id (split) takes
+/// G(G(wd grad_j) - p_j wl), otherwise its dense value; then its coefficient; then the token's
+/// coefficient where the token has the same id. Listed ids are unique, so the entries of a row
+/// touch distinct columns and can be applied in any order.
+template <class W, class Est, class G, class TS, class TT>
+TROPD_HD inline bool sparse_entry_value(const Est& est, const prob_split<W>& ps, const prob_split<W>& pt, const TS* zs, const TT* zt,
+                                        const G* out, const sparse_terms& sp, const grad_coefs& c, int e, W wd,
+                                        const estimators::row_summary& s, G& v) noexcept {
+  if (e >= sp.n_listed && c.y_listed_at >= 0) return false;
+  const int32_t j = sp.ids[e];
+  if (e < sp.n_listed && c.split) {
+    const W z = static_cast<W>(to_acc(zs[j]));
+    const W u = zt ? static_cast<W>(to_acc(zt[j])) : W(0);
+    const G dense_only = grad_value<W, Est, G>(est, ps, pt, z, u, wd, W(0), s);
+    v = listed_base<G>(dense_only, double(ps.prob(ps.exponent(z))), c.wl);
+  } else {
+    v = out[j];
+  }
+  v += static_cast<G>(sp.coef[e] * c.scale);
+  if (e == c.y_listed_at) v += static_cast<G>(sp.coef[c.y_entry] * c.scale);
+  return true;
 }
 
 }  // namespace tropd::gpu::detail

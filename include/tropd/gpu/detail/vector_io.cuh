@@ -14,6 +14,7 @@
 
 #include <tropd/core/types.hpp>
 #include <tropd/gpu/config.cuh>
+#include <tropd/gpu/detail/row_rules.hpp>
 
 namespace tropd::gpu::detail {
 
@@ -65,9 +66,6 @@ __device__ __forceinline__ void decode(const raw<T, N>& r, W (&out)[N]) {
   for (int i = 0; i < N; ++i) out[i] = widen<W>(tmp[i]);
 }
 
-template <class G, int N>
-inline constexpr int store_align = (N * int(sizeof(G))) >= 16 ? 16 : N * int(sizeof(G));
-
 /// Streaming (evict-first) store of N values.
 template <int N, class G>
 __device__ __forceinline__ void store_vec(G* p, const G (&v)[N]) {
@@ -85,41 +83,6 @@ __device__ __forceinline__ void store_vec(G* p, const G (&v)[N]) {
     __builtin_memcpy(&u, v, bytes);
     __stcs(reinterpret_cast<word*>(p), u);
   }
-}
-
-/// A row's geometry for vectors of VW elements: `head` scalar columns up to the student row's
-/// first 16-byte boundary, `nvec` vectors, a scalar tail. `vector` is false when the teacher or
-/// output row is not aligned like the student row at the head (other strides or types): the
-/// row is then walked as V vectors of one element (every block still takes its share).
-struct row_geometry {
-  index_t head = 0, nvec = 0, V = 0;
-  bool vector = false;
-};
-
-template <int VW, class TS, class TT, class G>
-__device__ __forceinline__ row_geometry make_geometry(const TS* zs, const TT* zt, const G* out, index_t V) {
-  row_geometry g;
-  g.V = V;
-  const uintptr_t as = reinterpret_cast<uintptr_t>(zs);
-  bool ok = VW > 1 && (as % sizeof(TS)) == 0;
-  index_t head = 0;
-  if (ok) {
-    const index_t mis = index_t((as / sizeof(TS)) % VW);
-    head = mis ? VW - mis : 0;
-    if (head > V) head = V;
-    if (zt) ok = ok && (reinterpret_cast<uintptr_t>(zt + head) % (uintptr_t(VW) * sizeof(TT))) == 0;
-    if (out) ok = ok && (reinterpret_cast<uintptr_t>(out + head) % uintptr_t(store_align<G, VW>)) == 0;
-  }
-  if (ok) {
-    g.vector = true;
-    g.head = head;
-    g.nvec = (V - head) / VW;
-  } else {
-    g.vector = false;
-    g.head = 0;
-    g.nvec = V;
-  }
-  return g;
 }
 
 /// Visits block b of S's share of a row: f.load<N>(j, regs) and f.compute<N>(j, regs) for the
@@ -167,12 +130,6 @@ __device__ __forceinline__ void sweep(const row_geometry& g, int b, int S, F& f)
       f.template load<1>(j, x);
       f.template compute<1>(j, x);
     }
-}
-
-/// The columns [c0, c1) of block b of S under geometry g (what sweep visits).
-template <int VW>
-__device__ __forceinline__ col_range columns_of(const row_geometry& g, int b, int S) {
-  return g.vector ? block_columns(g.V, g.head, g.nvec, VW, b, S) : block_columns(g.V, 0, g.V, 1, b, S);
 }
 
 }  // namespace tropd::gpu::detail
