@@ -7,8 +7,8 @@
 //                  logit in the host's order. One read of the rows; no per-element status.
 //   row_pass1_status  what a row's merged pass-1 result means: ok, or the error to report
 //   block_second   pass 1b (JSD, TV): the estimator's two second-pass sums
-//   block_grad     pass 2: writes G(wd est.grad_j - wg p_j) over the share (the row's last
-//                  read: evict-first loads, streaming stores), then the sparse entries of the
+//   block_grad     pass 2: writes G(wd est.grad_j - wg p_j) over the share, walking it backwards
+//                  (the row's last read: evict-first loads, streaming stores), then the sparse entries of the
 //                  row that fall in it (core/sparse_terms.hpp), then, only if a written value
 //                  is not finite, a rescan for the first such column (one report per block).
 #pragma once
@@ -159,7 +159,7 @@ __device__ sum2 block_second(const Est& est, const TS* zs, const TT* zt, index_t
   const row_geometry g = make_geometry<VW>(zs, zt, static_cast<const float*>(nullptr), V);
   second_walk<W, Est, TS, TT> f{zs, zt, est, prob_split<W>(s.lse_s, pass_units<W>::scale(its)),
                                 prob_split<W>(s.lse_t, pass_units<W>::scale(itt))};
-  sweep<VW>(g, b, S, f);
+  sweep<VW, true>(g, b, S, f);  // backwards after pass 1 (then pass 2 forwards): each starts where the last one ended
   f.flush();
   return block_all_reduce(sum2{f.acc[0], f.acc[1]}, sum2_op{});
 }
@@ -213,6 +213,9 @@ __device__ void block_fill(G* out, index_t V, const row_geometry& g, int b, int 
   for (index_t j = r.c0 + threadIdx.x; j < r.c1; j += block_threads) out[j] = v;
 }
 
+template <class Est>
+inline constexpr bool second_pass_of = Est::second_pass;
+
 /// The width of the gradient pass's vectors for an estimator.
 template <class Est, class TS, class TT>
 inline constexpr int grad_width = reads_teacher<Est> ? vec_width<TS, TT> : vec_width<TS, TS>;
@@ -239,7 +242,9 @@ __device__ void block_grad(const Est& est, const TS* zs, const TT* zt, G* out, i
   const prob_split<W> ps(s.lse_s, cs), pt(reads_teacher<Est> ? prob_split<W>(s.lse_t, ct) : prob_split<W>());
   const W wd = W(c.wd), wg = W(c.wg);
   grad_walk<W, Est, TS, TT, G> f{zs, zt_read, out, est, s, ps, pt, wd, wg};
-  sweep<VW>(g, b, S, f);
+  // Backwards after pass 1, forwards after pass 1b: each pass starts where the last one ended
+  // (that part of the row may still be in L2).
+  sweep<VW, !second_pass_of<Est>>(g, b, S, f);
   __syncthreads();  // the block's dense values are visible to every thread of the block
   const col_range r = columns_of<VW>(g, b, S);
   bool bad = !is_finite(f.check);

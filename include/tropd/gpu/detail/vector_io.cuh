@@ -90,16 +90,19 @@ __device__ __forceinline__ void store_vec(G* p, const G (&v)[N]) {
 /// (block S - 1). Each thread takes every block_threads-th vector and issues the load of its
 /// next vector before computing the current one, so two vector loads per row are in flight
 /// per thread while it computes (about 48 KB per multiprocessor at three resident blocks).
-template <int VW, class F>
+template <int VW, bool Reverse = false, class F>
 __device__ __forceinline__ void sweep_vectors(index_t base, index_t v0, index_t v1, F& f) {
   constexpr index_t T = block_threads;
-  index_t v = v0 + threadIdx.x;
-  if (v >= v1) return;
+  const index_t first = v0 + threadIdx.x;
+  if (first >= v1) return;
+  // Reverse: the thread's vectors from its last one down, so that a pass right after another
+  // over the same row starts with what the earlier pass read last (still in L2).
+  index_t v = Reverse ? first + (v1 - 1 - first) / T * T : first;
   typename F::template regs<VW> cur, next;
   f.template load<VW>(base + v * VW, cur);
   for (;;) {
-    const index_t vn = v + T;
-    const bool more = vn < v1;
+    const index_t vn = Reverse ? v - T : v + T;
+    const bool more = Reverse ? vn >= v0 : vn < v1;
     if (more) f.template load<VW>(base + vn * VW, next);
     f.template compute<VW>(base + v * VW, cur);
     if (!more) break;
@@ -108,12 +111,12 @@ __device__ __forceinline__ void sweep_vectors(index_t base, index_t v0, index_t 
   }
 }
 
-template <int VW, class F>
+template <int VW, bool Reverse = false, class F>
 __device__ __forceinline__ void sweep(const row_geometry& g, int b, int S, F& f) {
   const int t = static_cast<int>(threadIdx.x);
   if (!g.vector) {
     const col_range r = block_columns(g.V, 0, g.V, 1, b, S);
-    sweep_vectors<1>(0, r.v0, r.v1, f);
+    sweep_vectors<1, Reverse>(0, r.v0, r.v1, f);
     return;
   }
   const col_range r = block_columns(g.V, g.head, g.nvec, VW, b, S);
@@ -123,7 +126,7 @@ __device__ __forceinline__ void sweep(const row_geometry& g, int b, int S, F& f)
       f.template load<1>(j, x);
       f.template compute<1>(j, x);
     }
-  sweep_vectors<VW>(g.head, r.v0, r.v1, f);
+  sweep_vectors<VW, Reverse>(g.head, r.v0, r.v1, f);
   if (b == S - 1)
     for (index_t j = g.head + g.nvec * VW + t; j < g.V; j += block_threads) {
       typename F::template regs<1> x;
