@@ -87,7 +87,7 @@ status evaluate_tokens(const device_context& ctx, const Obj& obj, const token_ba
     in.limit = host::detail::output_limit(out);
     token_batch b_eff;
     TROPD_TRY(detail::launch_token_stages(obj, b, sc, in, ctx.stream, b_eff));
-    detail::tokens_write_kernel<<<static_cast<unsigned>(sc.reduce_blocks), block_threads, 0, ctx.stream>>>(b_eff, Ka, out, {}, nullptr, sc);
+    detail::tokens_write_kernel<><<<static_cast<unsigned>(sc.reduce_blocks), block_threads, 0, ctx.stream>>>(b_eff, Ka, out, {}, nullptr, sc);
     return detail::finish_call(ctx.scratch, ctx.stream, opt.synchronize);
   }
 }
@@ -370,7 +370,7 @@ status evaluate_rows_impl(const device_context& ctx, const Obj& obj, matrix_view
     objective_grad_kernel<Obj, logits, TS, TT, G><<<blocks, block_threads, smem, ctx.stream>>>(obj, a, ra, sc, dw, out.grad, p.S);
     TROPD_GPU_TRY_CUDA(cudaGetLastError());
   }
-  tokens_write_kernel<<<static_cast<unsigned>(sc.reduce_blocks), block_threads, 0, ctx.stream>>>(b_eff, need_topk ? K : 0, tout, out.topk_ids,
+  tokens_write_kernel<><<<static_cast<unsigned>(sc.reduce_blocks), block_threads, 0, ctx.stream>>>(b_eff, need_topk ? K : 0, tout, out.topk_ids,
                                                                                                   ra.topk_ids, sc);
   return finish_call(ctx.scratch, ctx.stream, opt.synchronize);
 }

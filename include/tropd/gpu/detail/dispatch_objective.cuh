@@ -161,14 +161,14 @@ inline status launch_token_stages(const Obj& obj, const token_batch& b, const to
   const index_t Ka = b.topk_teacher.rows == n ? b.topk_teacher.cols : 0;  // the lists the per-token rule sees (host apply's K)
   const unsigned grid = static_cast<unsigned>(sc.reduce_blocks);
   const index_t work = n > b.num_sequences() + 1 ? n : b.num_sequences() + 1;
-  tokens_structure_kernel<<<static_cast<unsigned>(reduce_blocks_of(work)), block_threads, 0, stream>>>(b, sc.status);
+  tokens_structure_kernel<><<<static_cast<unsigned>(reduce_blocks_of(work)), block_threads, 0, stream>>>(b, sc.status);
   TROPD_GPU_TRY_CUDA(cudaGetLastError());
   constexpr bool topk = Obj::outlier_type::needs_topk;
   if (topk && in.check_topk_ids && K > 0) {
-    tokens_topk_ids_kernel<<<static_cast<unsigned>(n), block_threads, check_list_smem(int(K)), stream>>>(b, sc.status);
+    tokens_topk_ids_kernel<><<<static_cast<unsigned>(n), block_threads, check_list_smem(int(K)), stream>>>(b, sc.status);
     TROPD_GPU_TRY_CUDA(cudaGetLastError());
   }
-  tokens_values_kernel<<<grid, block_threads, 0, stream>>>(b, topk, in.mask, sc);
+  tokens_values_kernel<><<<grid, block_threads, 0, stream>>>(b, topk, in.mask, sc);
   TROPD_GPU_TRY_CUDA(cudaGetLastError());
   b_eff = b;
   b_eff.from = {sc.from, n};
@@ -176,13 +176,13 @@ inline status launch_token_stages(const Obj& obj, const token_batch& b, const to
   TROPD_GPU_TRY_CUDA(cudaGetLastError());
   tokens_apply_kernel<Obj><<<grid, block_threads, 0, stream>>>(obj, b_eff, Ka, in.seed, in.step, sc);
   TROPD_GPU_TRY_CUDA(cudaGetLastError());
-  tokens_count_kernel<<<grid, block_threads, 0, stream>>>(obj.agg, b_eff, sc);
-  tokens_normaliser_kernel<<<1, 32, 0, stream>>>(obj.agg, sc);
-  tokens_weight_kernel<<<grid, block_threads, 0, stream>>>(obj.agg, b_eff, sc);
-  tokens_diag_kernel<<<grid, block_threads, 0, stream>>>(b_eff, in.has_dense ? in.dense_weight : 0.0, sc);
-  tokens_diag_finish_kernel<<<1, 32, 0, stream>>>(n, b_eff.student_entropy.size != 0, b_eff.teacher_entropy.size != 0, b_eff.rkl.size != 0,
+  tokens_count_kernel<><<<grid, block_threads, 0, stream>>>(obj.agg, b_eff, sc);
+  tokens_normaliser_kernel<><<<1, 32, 0, stream>>>(obj.agg, sc);
+  tokens_weight_kernel<><<<grid, block_threads, 0, stream>>>(obj.agg, b_eff, sc);
+  tokens_diag_kernel<><<<grid, block_threads, 0, stream>>>(b_eff, in.has_dense ? in.dense_weight : 0.0, sc);
+  tokens_diag_finish_kernel<><<<1, 32, 0, stream>>>(n, b_eff.student_entropy.size != 0, b_eff.teacher_entropy.size != 0, b_eff.rkl.size != 0,
                                                  in.has_dense, sc);
-  tokens_range_kernel<<<grid, block_threads, 0, stream>>>(b_eff, Ka, in.limit, sc);
+  tokens_range_kernel<><<<grid, block_threads, 0, stream>>>(b_eff, Ka, in.limit, sc);
   TROPD_GPU_TRY_CUDA(cudaGetLastError());
   return {};
 }

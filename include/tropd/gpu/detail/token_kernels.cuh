@@ -78,6 +78,7 @@ __device__ __forceinline__ index_t grid_stride() { return index_t(gridDim.x) * b
 
 /// Offsets start at 0 and end at n, never decrease; origin tags are 0, 1 or 2
 /// (validate_structure's data checks; its shape checks run on the host before the launch).
+template <class = void>  // a template: a kernel defined in a header, one definition per program
 __global__ void __launch_bounds__(block_threads) tokens_structure_kernel(token_batch b, uint64_t* status) {
   const index_t n = b.size(), n_seq = b.num_sequences();
   const index_t* off = b.seq_offsets.data;
@@ -93,6 +94,7 @@ __global__ void __launch_bounds__(block_threads) tokens_structure_kernel(token_b
 
 /// A block per token: the top-k ids of a student token (rules::check_topk_id with an unknown
 /// vocabulary: ids >= 0, no repeats). Dynamic shared memory: check_list_smem(K).
+template <class = void>  // a template: a kernel defined in a header, one definition per program
 __global__ void __launch_bounds__(block_threads) tokens_topk_ids_kernel(token_batch b, uint64_t* status) {
   extern __shared__ __align__(16) unsigned char dyn[];
   const index_t i = blockIdx.x;
@@ -110,6 +112,7 @@ __global__ void __launch_bounds__(block_threads) tokens_topk_ids_kernel(token_ba
 
 /// Each token's sequence, its values' checks (reject: report; mask: re-tag as a prompt token
 /// and count), the origin tags the later stages read.
+template <class = void>  // a template: a kernel defined in a header, one definition per program
 __global__ void __launch_bounds__(block_threads) tokens_values_kernel(token_batch b, bool topk, bool mask, token_scratch sc) {
   if (failed(sc.status)) return;
   const index_t n = b.size(), n_seq = b.num_sequences();
@@ -142,6 +145,7 @@ __global__ void __launch_bounds__(block_threads) tokens_values_kernel(token_batc
 
 /// entropy_top_fraction: the keys of the quantile (student entropies, -inf elsewhere) and the
 /// count of student tokens.
+template <class = void>  // a template: a kernel defined in a header, one definition per program
 __global__ void __launch_bounds__(block_threads) entropy_keys_kernel(token_batch b, token_scratch sc) {
   if (failed(sc.status)) return;
   int students = 0;
@@ -155,6 +159,7 @@ __global__ void __launch_bounds__(block_threads) entropy_keys_kernel(token_batch
 }
 
 /// The threshold: the rank top_fraction_rank(fraction, students) of the sorted entropies.
+template <class = void>  // a template: a kernel defined in a header, one definition per program
 __global__ void entropy_threshold_kernel(double fraction, token_scratch sc) {
   if (threadIdx.x != 0 || failed(sc.status)) return;
   const index_t n_s = static_cast<index_t>(sc.counters[2]);
@@ -163,6 +168,7 @@ __global__ void entropy_threshold_kernel(double fraction, token_scratch sc) {
 }
 
 /// sequence_ratio_bound: seq_masked[j] = 1 where a student token's -R (|R|) exceeds the bound.
+template <class = void>  // a template: a kernel defined in a header, one definition per program
 __global__ void __launch_bounds__(block_threads) sequence_mask_kernel(regions::sequence_ratio_bound region, token_batch b,
                                                                       token_scratch sc) {
   if (failed(sc.status)) return;
@@ -211,17 +217,17 @@ inline status device_prepare(const R&, const token_batch&, const token_scratch&,
 inline status device_prepare(const regions::entropy_top_fraction& r, const token_batch& b, const token_scratch& sc, uint64_t,
                              index_t n, cudaStream_t stream) {
   const unsigned grid = static_cast<unsigned>(reduce_blocks_of(n));
-  entropy_keys_kernel<<<grid, block_threads, 0, stream>>>(b, sc);
+  entropy_keys_kernel<><<<grid, block_threads, 0, stream>>>(b, sc);
   size_t bytes = sc.sort_temp_bytes;
   TROPD_GPU_TRY_CUDA(cub::DeviceRadixSort::SortKeysDescending(sc.sort_temp, bytes, sc.sort_in, sc.sort_out, static_cast<int>(n), 0,
                                                               int(sizeof(double) * 8), stream));
-  entropy_threshold_kernel<<<1, 32, 0, stream>>>(r.fraction, sc);
+  entropy_threshold_kernel<><<<1, 32, 0, stream>>>(r.fraction, sc);
   return {};
 }
 inline status device_prepare(const regions::sequence_ratio_bound& r, const token_batch& b, const token_scratch& sc, uint64_t,
                              index_t n, cudaStream_t stream) {
   TROPD_GPU_TRY_CUDA(cudaMemsetAsync(sc.seq_masked, 0, size_t(b.num_sequences()), stream));
-  sequence_mask_kernel<<<static_cast<unsigned>(reduce_blocks_of(n)), block_threads, 0, stream>>>(r, b, sc);
+  sequence_mask_kernel<><<<static_cast<unsigned>(reduce_blocks_of(n)), block_threads, 0, stream>>>(r, b, sc);
   return {};
 }
 template <class A, class B>
@@ -270,6 +276,7 @@ __global__ void __launch_bounds__(block_threads) tokens_apply_kernel(Obj obj, to
 
 /// Per block: the count the mode normalises by (token modes: tokens; sequence modes: counted
 /// sequences, with each sequence's factor into per_seq).
+template <class = void>  // a template: a kernel defined in a header, one definition per program
 __global__ void __launch_bounds__(block_threads) tokens_count_kernel(aggregation::aggregation agg, token_batch b, token_scratch sc) {
   if (failed(sc.status)) return;
   double c = 0;
@@ -289,6 +296,7 @@ __global__ void __launch_bounds__(block_threads) tokens_count_kernel(aggregation
 }
 
 /// The normaliser from the block counts (one thread, block order).
+template <class = void>  // a template: a kernel defined in a header, one definition per program
 __global__ void tokens_normaliser_kernel(aggregation::aggregation agg, token_scratch sc) {
   if (threadIdx.x != 0 || failed(sc.status)) return;
   double c = 0;
@@ -296,6 +304,7 @@ __global__ void tokens_normaliser_kernel(aggregation::aggregation agg, token_scr
   *sc.normaliser = normaliser_of(agg, c);
 }
 
+template <class = void>  // a template: a kernel defined in a header, one definition per program
 __global__ void __launch_bounds__(block_threads) tokens_weight_kernel(aggregation::aggregation agg, token_batch b, token_scratch sc) {
   if (failed(sc.status)) return;
   const double norm = *sc.normaliser;
@@ -315,6 +324,7 @@ struct diag_merge {
   }
 };
 
+template <class = void>  // a template: a kernel defined in a header, one definition per program
 __global__ void __launch_bounds__(block_threads) tokens_diag_kernel(token_batch b, double dense_weight, token_scratch sc) {
   if (failed(sc.status)) return;
   diag_partial p;
@@ -326,6 +336,7 @@ __global__ void __launch_bounds__(block_threads) tokens_diag_kernel(token_batch 
 
 /// The diagnostics from the block partials (one thread, block order); dense objectives: the
 /// loss must be finite in double.
+template <class = void>  // a template: a kernel defined in a header, one definition per program
 __global__ void tokens_diag_finish_kernel(index_t n, bool has_ent_s, bool has_ent_t, bool has_rkl, bool has_dense, token_scratch sc) {
   if (threadIdx.x != 0 || failed(sc.status)) return;
   diag_partial p;
@@ -340,6 +351,7 @@ __global__ void tokens_diag_finish_kernel(index_t n, bool has_ent_s, bool has_en
 // ---------------------------------------------------------------------------------------------
 
 /// The host's output bound per token (before anything is written).
+template <class = void>  // a template: a kernel defined in a header, one definition per program
 __global__ void __launch_bounds__(block_threads) tokens_range_kernel(token_batch b, index_t K, double limit, token_scratch sc) {
   if (failed(sc.status)) return;
   for (index_t i = thread_index(); i < b.size(); i += grid_stride()) {
@@ -353,6 +365,7 @@ __global__ void __launch_bounds__(block_threads) tokens_range_kernel(token_batch
 
 /// Writes the per-token outputs, the loss and the diagnostics (host write_token_outputs), or
 /// poison where the call failed: NaN values, 0 flags, -1 ids.
+template <class = void>  // a template: a kernel defined in a header, one definition per program
 __global__ void __launch_bounds__(block_threads) tokens_write_kernel(token_batch b, index_t K, token_outputs out, matrix_view<int32_t> ids_out,
                                                                      const int32_t* ids_in, token_scratch sc) {
   const bool bad = failed(sc.status);
