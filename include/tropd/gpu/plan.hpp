@@ -184,7 +184,9 @@ TROPD_HD constexpr int pass1_error_teacher(int64_t key) noexcept { return int((k
 /// kernel (cudaOccupancyMaxActiveBlocksPerMultiprocessor) on `sm_count` multiprocessors. Among
 /// S = 1 .. min(1024, V / 4096) blocks per row (at least 4096 columns per block), the S whose
 /// waves ceil(rows S / capacity) / S of 1/S-row work are fewest, the split path (S > 1)
-/// counted 10% dearer (its extra kernels and the partials' round trip); ties: the smaller S.
+/// counted 25% dearer (its extra kernels, the partials' round trip, and no L2 reuse between a
+/// row's passes, which run in different kernels); ties: the smaller S. So a batch splits only
+/// when it leaves much of the GPU idle (fewer rows than resident blocks), not to trim a tail.
 constexpr int choose_blocks_per_row(index_t rows, index_t V, int sm_count, int blocks_per_sm) noexcept {
   const index_t cap = index_t(sm_count > 0 ? sm_count : 1) * index_t(blocks_per_sm > 0 ? blocks_per_sm : 1);
   if (rows <= 0) return 1;
@@ -195,7 +197,7 @@ constexpr int choose_blocks_per_row(index_t rows, index_t V, int sm_count, int b
   double best_cost = double((rows + cap - 1) / cap);
   for (index_t s = 2; s <= s_max; ++s) {
     const double waves = double((rows * s + cap - 1) / cap) / double(s);
-    const double cost = waves * 1.1;
+    const double cost = waves * 1.25;
     if (cost < best_cost * 0.999) {
       best_cost = cost;
       best = int(s);
