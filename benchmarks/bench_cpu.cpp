@@ -4,7 +4,7 @@
 //   - the streaming read bandwidth (sum of a 1 GiB float buffer, best of 3) with 1 and 2 threads,
 //   - Eigen's vectorised exp throughput (ArrayXf::exp over an L1/L2-resident buffer, best of 5),
 // then times every estimator and objective (tropd, and for row kernels also tropd with
-// row_options::fused and a naive multi-pass implementation, naive_rows.hpp) and reports
+// row_order::single_read and a naive multi-pass implementation, naive_rows.hpp) and reports
 //   bytes/s     bytes counted as: both input rows read once + the fp32 gradient written once
 //               (top-k lists: the student row + the lists + the gradient; token level: the
 //               token arrays read + the outputs written)
@@ -14,7 +14,7 @@
 //               binding floor the kernel runs; exp_bound = 1 when the exp floor binds
 // and prints a summary table (kernel, shape, tropd ms, naive ms, speedup, bw_frac, floor).
 //
-// Benchmark names: <kernel>/<impl>/<dtype>/V:<V>/N:<N>/t:<threads>, impl in {tropd, fused,
+// Benchmark names: <kernel>/<impl>/<dtype>/V:<V>/N:<N>/t:<threads>, impl in {tropd, single_read,
 // naive}. The full grid (V in {32000, 128256, 151936, 262144}, N in {256, 2048, 8192}, fp32
 // and bf16, 1 and 2 threads) is registered; without --benchmark_filter a representative
 // subset runs (a few minutes). Any cell is reachable with a filter, e.g.
@@ -66,22 +66,23 @@ struct kernel_info {
   kernel k;
   const char* name;
   bool rows;          // row level ([N x V] logits) or token level
-  bool has_fused;     // accepts row_options::fused
+  bool has_single_read;  // accepts row_options::order = single_read
   bool has_naive;
   double exps;        // exp/log per vocabulary element, default order
-  double exps_fused;  // ... with row_options::fused
+  double exps_single_read;  // ... with row_order::single_read
   bool two_rows;      // reads teacher logits rows
 };
 
-// exp counts: pass 1 takes one exp per element of each row (both log-sum-exps); the gradient
-// pass one per row whose probabilities it needs (p, and q for forward KL / JSD / TV), unless
-// row_options::fused kept the pass-1 exponentials; JSD adds log m = logaddexp (exp + log1p)
-// in its second pass and in the gradient.
+// exp/log counts: pass 1 takes one exp per element of each row (both log-sum-exps); JSD and
+// TV's second pass reuses pass 1's exponentials (kept for the row) and JSD takes one log for
+// log m there; the gradient pass takes one exp per row whose probabilities it needs (p, and q
+// for forward KL / JSD / TV) and JSD one more log, unless row_order::single_read kept the
+// pass-1 exponentials (and JSD's log m).
 const kernel_info g_kernels[] = {
     {kernel::rkl, "rkl", true, true, true, 3, 2, true},
     {kernel::fkl, "fkl", true, true, true, 4, 2, true},
-    {kernel::jsd, "jsd", true, true, true, 10, 6, true},
-    {kernel::tv, "tv", true, true, true, 6, 2, true},
+    {kernel::jsd, "jsd", true, true, true, 6, 3, true},
+    {kernel::tv, "tv", true, true, true, 4, 2, true},
     {kernel::topk_logits, "topk_fkl_logits", true, true, true, 3, 2, true},
     {kernel::topk_lists, "topk_fkl_lists", true, true, true, 2, 1, false},
     {kernel::k1, "k1", true, true, true, 3, 2, true},
@@ -89,13 +90,13 @@ const kernel_info g_kernels[] = {
     {kernel::k3, "k3", true, true, true, 3, 2, true},
     {kernel::rows_opd, "rows_opd", true, false, true, 3, 3, true},
     {kernel::rows_tropd, "rows_tropd", true, false, true, 3, 3, true},
-    {kernel::rows_gkd, "rows_gkd", true, false, true, 10, 10, true},
+    {kernel::rows_gkd, "rows_gkd", true, false, true, 6, 6, true},
     {kernel::tok_opd, "tokens_opd", false, false, false, 0, 0, false},
     {kernel::tok_tropd, "tokens_tropd", false, false, false, 0, 0, false},
 };
 
-enum class impl { tropd, fused, naive };
-const char* impl_name(impl i) { return i == impl::tropd ? "tropd" : i == impl::fused ? "fused" : "naive"; }
+enum class impl { tropd, single_read, naive };
+const char* impl_name(impl i) { return i == impl::tropd ? "tropd" : i == impl::single_read ? "single_read" : "naive"; }
 
 constexpr int K_TOPK = 64;  // TrOPD's k; also the list length of topk_fkl_lists
 constexpr index_t SEQ_LEN = 256;
@@ -374,16 +375,16 @@ void bench_cell(benchmark::State& state, const cell& c) {
     if (c.im == impl::naive)
       run_naive_rows(c.ki.k, d, th);
     else
-      st = c.bf ? run_tropd_rows(c.ki.k, d, d.hs.data(), d.ht.data(), th, c.im == impl::fused)
-                : run_tropd_rows(c.ki.k, d, d.zs.data(), d.zt.data(), th, c.im == impl::fused);
+      st = c.bf ? run_tropd_rows(c.ki.k, d, d.hs.data(), d.ht.data(), th, c.im == impl::single_read)
+                : run_tropd_rows(c.ki.k, d, d.zs.data(), d.zt.data(), th, c.im == impl::single_read);
     for (auto _ : state) {
       const double t0 = now_s();
       if (c.im == impl::naive)
         run_naive_rows(c.ki.k, d, th);
       else if (c.bf)
-        st = run_tropd_rows(c.ki.k, d, d.hs.data(), d.ht.data(), th, c.im == impl::fused);
+        st = run_tropd_rows(c.ki.k, d, d.hs.data(), d.ht.data(), th, c.im == impl::single_read);
       else
-        st = run_tropd_rows(c.ki.k, d, d.zs.data(), d.zt.data(), th, c.im == impl::fused);
+        st = run_tropd_rows(c.ki.k, d, d.zs.data(), d.zt.data(), th, c.im == impl::single_read);
       t_total += now_s() - t0;
       benchmark::ClobberMemory();
     }
@@ -402,13 +403,13 @@ void bench_cell(benchmark::State& state, const cell& c) {
   }
   const double bytes = counted_bytes(c);
   const double bw = g_floor.read_bw[std::min(th, 2)];
-  const double exps = (c.im == impl::fused ? c.ki.exps_fused : c.ki.exps) * double(c.N) * double(c.V);
+  const double exps = (c.im == impl::single_read ? c.ki.exps_single_read : c.ki.exps) * double(c.N) * double(c.V);
   const double t_bw = bytes / bw, t_exp = exps / (g_floor.exp_rate * th);
   state.SetBytesProcessed(int64_t(bytes * double(state.iterations())));
   using C = benchmark::Counter;
   state.counters["bw_frac"] = C(bytes / bw, C::kIsIterationInvariantRate);
   state.counters["floor_frac"] = C(std::max(t_bw, t_exp), C::kIsIterationInvariantRate);
-  state.counters["exps"] = c.im == impl::naive ? 0 : (c.im == impl::fused ? c.ki.exps_fused : c.ki.exps);
+  state.counters["exps"] = c.im == impl::naive ? 0 : (c.im == impl::single_read ? c.ki.exps_single_read : c.ki.exps);
   state.counters["exp_bound"] = t_exp > t_bw ? 1 : 0;
   // Google Benchmark calls this function more than once (growing iteration counts, and
   // --benchmark_repetitions): the summary keeps the fastest per-call average.
@@ -461,8 +462,8 @@ void register_all() {
       for (index_t N : Ns)
         for (bool bf : {false, true})
           for (int th : {1, 2})
-            for (impl im : {impl::tropd, impl::fused, impl::naive}) {
-              if (im == impl::fused && !ki.has_fused) continue;
+            for (impl im : {impl::tropd, impl::single_read, impl::naive}) {
+              if (im == impl::single_read && !ki.has_single_read) continue;
               if (im == impl::naive && !ki.has_naive) continue;
               g_cells.push_back({ki, im, bf, V, N, th, cell_name(ki, im, bf, V, N, th)});
             }
@@ -546,7 +547,7 @@ void self_check() {
 void print_summary() {
   std::printf("\nSummary (ms per call; speedup = naive / tropd; bw_frac and floor of the tropd run)\n");
   std::printf("%-16s %-5s %7s %5s %2s | %9s %9s %9s | %7s %7s | %7s %7s | %s\n", "kernel", "dtype", "V", "N", "t", "tropd",
-              "fused", "naive", "speedup", "fused", "bw_frac", "fused", "binding floor (tropd)");
+              "single_read", "naive", "speedup", "single_read", "bw_frac", "single_read", "binding floor (tropd)");
   for (const cell& c : g_cells) {
     if (c.im != impl::tropd) continue;
     auto it = g_results.find(c.name);
@@ -557,7 +558,7 @@ void print_summary() {
       auto j = g_results.find(cell_name(c.ki, im, c.bf, c.V, c.N, c.threads));
       return j == g_results.end() || !j->second.skipped.empty() || j->second.ms <= 0 ? nullptr : &j->second;
     };
-    const result* f = other(impl::fused);
+    const result* f = other(impl::single_read);
     const result* n = other(impl::naive);
     char fb[32] = "-", nb[32] = "-", sb[32] = "-", sfb[32] = "-", bfb[32] = "-";
     if (f) std::snprintf(fb, sizeof fb, "%.3f", f->ms);

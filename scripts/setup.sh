@@ -9,6 +9,7 @@ set -euo pipefail
 packages=(
   cmake ninja-build g++ clang libclang-rt-14-dev
   libeigen3-dev doctest-dev libbenchmark-dev librandom123-dev gnuplot-nox
+  openmpi-bin libopenmpi-dev
 )
 
 if ! command -v dpkg >/dev/null 2>&1; then

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # tropd's test command (the README's; .ci/run runs exactly this).
 #
-# Stages (TROPD_TEST_STAGES, default "release asan tsan fuzz cuda"):
+# Stages (TROPD_TEST_STAGES, default "release asan tsan fuzz cuda python dist"):
 #   release  g++ Release build of everything in build/release; ctest -LE gpu
 #            (unit, compile_fail, install tests)
 #   asan     clang++ with TROPD_SANITIZE=address,undefined in build/asan;
@@ -18,6 +18,19 @@
 #            with fuzz/corpus/<target>; a crash or an oracle failure fails the stage.
 #            Known open issues (docs/robustness.md) are reported, not failed
 #            (TROPD_FUZZ_IGNORE_KNOWN=1): the corpus replay in tropd-tests covers them.
+#   python   the Python package: installs what it needs once (torch from PyPI, a large
+#            download the first time; numpy, pytest, nanobind, scikit-build-core; quiet when
+#            present), `pip install --no-build-isolation .` (the extension is built in
+#            build/python/<wheel tag>, kept between runs, so a rerun rebuilds only what
+#            changed), then pytest python/tests (each test counts in the summary; CUDA tests
+#            are skipped without a GPU). When nvcc is found it also compiles the extension's
+#            CUDA dispatch (python/src/gpu.cu) in build/python-cuda (one more "passed").
+#            TROPD_PYTHON (default python3) picks the interpreter.
+#   dist     TROPD_BUILD_DIST_TESTS=ON in build/dist: builds only the distributed tests
+#            (tests/dist) and runs ctest -L dist: tropd-mpi-tests under mpiexec -np 1, 2, 3
+#            and 4 (Open MPI: --allow-run-as-root --oversubscribe), two torch.distributed gloo
+#            processes (skipped without torch), and the NCCL adapter built with nvcc (its
+#            one-GPU run is skipped without a GPU)
 #
 # Ends with the line "N passed, N failed" (CTest results of all stages; a failed
 # configure or build counts as one failure) and exits non-zero on any failure.
@@ -26,7 +39,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
 JOBS=${TROPD_JOBS:-2}
-STAGES=${TROPD_TEST_STAGES:-release asan tsan fuzz cuda}
+STAGES=${TROPD_TEST_STAGES:-release asan tsan fuzz cuda python dist}
 LOG_DIR=build/test-logs
 
 total_passed=0
@@ -201,6 +214,108 @@ stage_fuzz() {
     known=$(grep -oE 'known issue [A-Z][0-9A-Z]* reproduces' "$log" | awk '{print $3}' | sort -u | tr '\n' ' ')
     [[ -n $known ]] && notes+=("fuzz $t: open known issues still reproduce: ${known% }")
   done
+}
+
+stage_dist() {
+  # Only the distributed targets: the MPI executable and the torch.distributed shim, then,
+  # where nvcc and NCCL are found, the NCCL adapter check (CUDA is enabled for it alone).
+  local nvcc cuda_args=()
+  if nvcc=$(find_nvcc); then
+    cuda_args=(-DCMAKE_CUDA_COMPILER="$nvcc" -DCMAKE_CUDA_ARCHITECTURES="80;90")
+  fi
+  configure_build dist build/dist "tropd-mpi-tests tropd-dist-shim" \
+    -DCMAKE_BUILD_TYPE=Release -DTROPD_BUILD_DIST_TESTS=ON -DTROPD_INSTALL=OFF \
+    -DTROPD_BUILD_BENCHMARKS=OFF -DTROPD_BUILD_EXAMPLES=OFF "${cuda_args[@]}" || return
+  if cmake --build build/dist --target help | grep -q 'tropd-nccl-check'; then
+    if ! cmake --build build/dist -j "$JOBS" --target tropd-nccl-check; then
+      note_failure "dist: build tropd-nccl-check"
+      return
+    fi
+  else
+    notes+=("dist: the NCCL adapter check was not built (nvcc or NCCL not found)")
+  fi
+  run_ctest dist build/dist -L dist
+  if grep -qE 'tropd-torch-gloo \(Skipped\)' "$LOG_DIR/dist-ctest.log"; then
+    notes+=("dist: torch.distributed test skipped (torch with gloo not importable)")
+  fi
+  if grep -qE 'tropd-nccl-check \(Skipped\)' "$LOG_DIR/dist-ctest.log"; then
+    notes+=("dist: the NCCL adapter compiled and linked, its one-GPU run was skipped (no CUDA device here)")
+  fi
+}
+
+# Installs the Python packages the python stage needs, each only if it is missing.
+python_deps() { # python
+  local py=$1 missing=() pkg mod
+  for pkg in "torch>=2.4:torch" "numpy:numpy" "pytest:pytest" "nanobind>=2.0:nanobind" "scikit-build-core>=0.10:scikit_build_core"; do
+    mod=${pkg##*:}
+    "$py" -c "import $mod" >/dev/null 2>&1 || missing+=("${pkg%:*}")
+  done
+  [[ ${#missing[@]} -eq 0 ]] && return 0
+  if [[ " ${missing[*]} " == *" torch>=2.4 "* ]]; then
+    echo "python: installing torch from PyPI (about 4 GB with its CUDA libraries; once: later runs find it)"
+  fi
+  echo "python: pip install ${missing[*]}"
+  "$py" -m pip install -q "${missing[@]}"
+}
+
+stage_python() {
+  local py=${TROPD_PYTHON:-python3}
+  if ! command -v "$py" >/dev/null 2>&1; then
+    note_failure "python: interpreter '$py' not found"
+    return
+  fi
+  if ! python_deps "$py"; then
+    note_failure "python: installing the Python dependencies"
+    return
+  fi
+  local log="$LOG_DIR/python-install.log"
+  echo "python: pip install --no-build-isolation . (log: $log)"
+  if ! CMAKE_BUILD_PARALLEL_LEVEL=$JOBS "$py" -m pip install --no-build-isolation . >"$log" 2>&1; then
+    tail -n 40 "$log" >&2
+    note_failure "python: pip install . (see $log)"
+    return
+  fi
+  # The extension's CUDA dispatch, compiled by nvcc (it cannot run here without a GPU): only its
+  # object file, so the stage does not build the whole extension twice.
+  local nvcc
+  if nvcc=$(find_nvcc); then
+    local clog="$LOG_DIR/python-cuda.log"
+    if cmake -S . -B build/python-cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DTROPD_BUILD_PYTHON=ON \
+        -DTROPD_PYTHON_CUDA=ON -DCMAKE_CUDA_COMPILER="$nvcc" -DCMAKE_CUDA_ARCHITECTURES="80;90" \
+        -DTROPD_BUILD_TESTS=OFF -DTROPD_BUILD_BENCHMARKS=OFF -DTROPD_BUILD_EXAMPLES=OFF -DTROPD_INSTALL=OFF \
+        -DPython_EXECUTABLE="$(command -v "$py")" >"$clog" 2>&1 &&
+      cmake --build build/python-cuda -j "$JOBS" --target python/CMakeFiles/_C.dir/src/gpu.cu.o >>"$clog" 2>&1; then
+      total_passed=$((total_passed + 1))
+      echo "python: python/src/gpu.cu compiled with nvcc"
+    else
+      tail -n 40 "$clog" >&2
+      note_failure "python: the extension's CUDA dispatch does not compile (see $clog)"
+    fi
+  else
+    notes+=("python: nvcc not found: the extension's CUDA dispatch (python/src/gpu.cu) was NOT compiled")
+  fi
+  local plog="$LOG_DIR/python-pytest.log"
+  # From the repository root: `tropd` resolves to the installed package (python/ is not on the path).
+  "$py" -m pytest python/tests -q -o cache_dir=build/pytest-cache -rs 2>&1 | tee "$plog"
+  local rc=${PIPESTATUS[0]}
+  local line passed=0 failed=0 errors=0 skipped=0
+  line=$(grep -E '^=*[[:space:]]*[0-9]+ (passed|failed|skipped|error)' "$plog" | tail -n 1)
+  [[ $line =~ ([0-9]+)\ passed ]] && passed=${BASH_REMATCH[1]}
+  [[ $line =~ ([0-9]+)\ failed ]] && failed=${BASH_REMATCH[1]}
+  [[ $line =~ ([0-9]+)\ errors? ]] && errors=${BASH_REMATCH[1]}
+  [[ $line =~ ([0-9]+)\ skipped ]] && skipped=${BASH_REMATCH[1]}
+  total_passed=$((total_passed + passed))
+  total_skipped=$((total_skipped + skipped))
+  total_failed=$((total_failed + failed + errors))
+  [[ $((failed + errors)) -gt 0 ]] && failures+=("python: $((failed + errors)) pytest test(s), see $plog")
+  if [[ -z $line ]]; then
+    note_failure "python: pytest produced no result line (exit $rc), see $plog"
+  elif [[ $rc -ne 0 && $((failed + errors)) -eq 0 ]]; then
+    note_failure "python: pytest exited with $rc"
+  fi
+  if [[ $skipped -gt 0 ]] && grep -q "no CUDA device" "$plog"; then
+    notes+=("python: the CUDA tests were NOT executed (no CUDA device here)")
+  fi
 }
 
 # ===========================================================================

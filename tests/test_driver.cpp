@@ -406,11 +406,11 @@ static_assert(tr::logprob_source<logprobs_without_backward> && !tr::student_mode
 
 static_assert(tr::teacher_model<mk::full_teacher>);
 static_assert(tr::teacher_with_logits<mk::full_teacher> && tr::logprob_source<mk::full_teacher>);
-static_assert(tr::teacher_with_topk<mk::full_teacher> && tr::teacher_with_entropy<mk::full_teacher>);
+static_assert(tr::teacher_with_topk<mk::full_teacher>);
 static_assert(tr::teacher_model<mk::logprob_teacher> && !tr::teacher_with_logits<mk::logprob_teacher>);
 static_assert(tr::teacher_model<mk::mock_teacher<true, false>> && !tr::logprob_source<mk::mock_teacher<true, false>>);
 static_assert(!tr::teacher_model<int>);
-static_assert(!tr::teacher_with_topk<mk::logits_student> && !tr::teacher_with_entropy<int>);
+static_assert(!tr::teacher_with_topk<mk::logits_student> && !tr::teacher_with_topk<int>);
 static_assert(std::is_same_v<decltype(tr::distill_step(std::declval<mk::logits_student&>(), std::declval<mk::full_teacher&>(),
                                                        std::declval<std::span<const ts::prompt_example>>(),
                                                        tropd::presets::opd(), ts::cosine{}, tr::step_config{},
@@ -1005,9 +1005,42 @@ TEST_CASE("driver: objectives that need logits, top-k lists or entropies report 
   }
 }
 
-TEST_CASE("driver: no usable path (logits-only student with a log-prob-only teacher) is unsupported") {
-  // Row path needs logits on both models; token path needs log-probs on both.
-  expect_unsupported<mk::logits_student, mk::logprob_teacher>(tropd::presets::opd(), false);
+TEST_CASE("driver: a served teacher (log-probs and top-k lists) runs the row path and equals the teacher's logits") {
+  // The served teacher is the same closed-form model without logits: its log-probs and its
+  // top-k lists (mock_teacher::topk, strongest first) carry everything OPD and TrOPD read.
+  const auto prompts = main_prompts();
+  const tr::step_config cfg = base_config();
+  auto compare = [&](const auto& obj) {
+    mk::logits_student s1(student_cf(), END), s2(student_cf(), END);
+    mk::full_teacher full(teacher_cf());
+    mk::logprob_teacher served(teacher_cf());
+    tr::step_report r1, r2;
+    REQUIRE(tr::distill_step(s1, full, std::span<const ts::prompt_example>(prompts), obj, ts::cosine{}, cfg, r1).ok());
+    const tropd::status st = tr::distill_step(s2, served, std::span<const ts::prompt_example>(prompts), obj, ts::cosine{}, cfg, r2);
+    REQUIRE_MESSAGE(st.ok(), st.message());
+    CHECK(r2.row_path);
+    CHECK(served.logprobs_calls == 1);
+    // fp32 lists and log-probs: the same loss and gradient to fp32 rounding.
+    CHECK(std::fabs(r1.loss - r2.loss) <= 1e-6 * std::max(1.0, std::fabs(r1.loss)));
+    CHECK(r1.diag.n_trusted == r2.diag.n_trusted);
+    REQUIRE(s1.grad_theta.size() == s2.grad_theta.size());
+    double worst = 0, scale = 0;
+    for (size_t i = 0; i < s1.grad_theta.size(); ++i) {
+      worst = std::max(worst, std::fabs(s1.grad_theta[i] - s2.grad_theta[i]));
+      scale = std::max(scale, std::fabs(s1.grad_theta[i]));
+    }
+    CHECK(worst <= 1e-5 * std::max(1.0, scale));
+  };
+  compare(tropd::presets::opd());
+  compare(tropd::presets::tropd({.k = 4}));
+  compare(tropd::presets::tropd({.k = 4, .form = tropd::outliers::fkl_form::p}));
+  // Objectives that read the teacher's full distribution still need its logits.
+  expect_unsupported<mk::logits_student, mk::logprob_teacher>(tropd::presets::vopd(), false);
+  expect_unsupported<mk::logits_student, mk::logprob_teacher>(tropd::presets::eopd(), false);
+  expect_unsupported<mk::logits_student, mk::logprob_teacher>(tropd::presets::gkd(), false);
+}
+
+TEST_CASE("driver: no usable path is unsupported") {
   // Forcing the token path with a student that has no log-probs.
   expect_unsupported<mk::logits_student, mk::full_teacher>(tropd::presets::opd(), true);
   // A teacher with logits only cannot serve the token path.

@@ -31,11 +31,15 @@ struct sparse_terms {
   int n_listed = 0;              ///< leading entries that are top-k list ids (the rest: the sampled token)
   double tail_coef = 0;          ///< c (0: no tail bucket)
   double tail_teacher = 0;       ///< 1 - S_K where the tail bucket is used (0 otherwise)
+  /// The sum of the coefficients of the row's entries that are not in this view: a
+  /// vocabulary shard's terms hold only the entries in its columns, but every P_j reads the
+  /// sum over all of them (dist/). 0 for a whole row.
+  double sum_elsewhere = 0;
 
   TROPD_HD double sum() const noexcept {
     double g = 0;
     for (int i = 0; i < n; ++i) g += coef[i];
-    return g;
+    return g + sum_elsewhere;
   }
   /// P_j for a listed id j and for every other column (see the header comment).
   TROPD_HD double p_coef_listed(double sum_g) const noexcept { return sum_g - tail_teacher; }
@@ -45,7 +49,7 @@ struct sparse_terms {
   /// An upper bound of max_j |dL/da_j| (for output-range checks before anything is written):
   /// |entries at j| + p_j |P_j| <= sum |g_e| + |sum g_e| + 2 tail_teacher (p_j c <= 1 - S_K off the list).
   TROPD_HD double magnitude_bound() const noexcept {
-    double a = 0, g = 0;
+    double a = abs_(sum_elsewhere), g = sum_elsewhere;
     for (int i = 0; i < n; ++i) { a += abs_(coef[i]); g += coef[i]; }
     return a + abs_(g) + 2.0 * abs_(tail_teacher);
   }

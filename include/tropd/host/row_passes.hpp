@@ -147,10 +147,13 @@ inline status scaled_error(const T* raw, const W* scaled, index_t n, index_t c0,
 /// with `topk` (> 0) the teacher's top-k entries are selected in the same pass.
 /// `M`: the summary fields the caller reads (lse_s, lse_t always); the others are NaN in
 /// `out`. The default computes everything.
+/// row_pass1_moments is its first half: the row's (or a vocabulary shard's) unfinalised
+/// row_moments, with no check of the masses (a shard may hold no finite entry of a row);
+/// it leaves buf.kept false (row_pass1 sets it once the row is valid).
 template <estimators::moments_needed M = estimators::all_moments, class W, class TS, class TT>
-inline status row_pass1(const TS* zs, const TT* zt, index_t V, W inv_ts, W inv_tt, row_scratch<W>& buf, index_t row,
-                        estimators::row_summary& out, int topk = 0) noexcept {
-  estimators::row_moments<double> mom;
+inline status row_pass1_moments(const TS* zs, const TT* zt, index_t V, W inv_ts, W inv_tt, row_scratch<W>& buf, index_t row,
+                                estimators::row_moments<double>& mom, int topk = 0) noexcept {
+  mom = estimators::row_moments<double>{};
   const bool has_t = zt != nullptr;
   W Ms = -inf<W>(), Mt = -inf<W>();
   buf.kept = false;
@@ -214,6 +217,15 @@ inline status row_pass1(const TS* zs, const TT* zt, index_t V, W inv_ts, W inv_t
     mom.cross_t += s[5];
   }
   if (topk > 0 && has_t) buf.topk.finish();
+  return {};
+}
+
+template <estimators::moments_needed M = estimators::all_moments, class W, class TS, class TT>
+inline status row_pass1(const TS* zs, const TT* zt, index_t V, W inv_ts, W inv_tt, row_scratch<W>& buf, index_t row,
+                        estimators::row_summary& out, int topk = 0) noexcept {
+  estimators::row_moments<double> mom;
+  const bool has_t = zt != nullptr;
+  TROPD_TRY((row_pass1_moments<M>(zs, zt, V, inv_ts, inv_tt, buf, row, mom, topk)));
   if (!(mom.mass_s > 0)) return make_error(errc::no_finite_entry, "student logits row is -inf everywhere", row);
   if (has_t && !(mom.mass_t > 0)) return make_error(errc::no_finite_entry, "teacher logits row is -inf everywhere", row);
   if (!has_t) { mom.max_t = 0; mom.mass_t = 1; }  // a finite stand-in for summarize; its fields become NaN below

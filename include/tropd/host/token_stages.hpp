@@ -176,6 +176,19 @@ status decide(const Obj& obj, const token_batch& b, const eval_options& opt, std
   return {};
 }
 
+/// Stage 2 for the tokens [i0, i1) of a batch, for a region without batch decisions
+/// (regions::decides_per_token): the decisions decide() makes for them. `seq`: every token's
+/// sequence (detail::token_sequences). trusted must have the batch's size.
+template <class Obj>
+  requires regions::decides_per_token<typename Obj::region_type>
+void decide_range(const Obj& obj, const token_batch& b, const eval_options& opt, const index_t* seq, index_t i0, index_t i1,
+                  std::vector<uint8_t>& trusted) {
+  const regions::batch_context ctx{opt.seed, opt.step, 0, nullptr};
+  for (index_t i = i0; i < i1; ++i)
+    trusted[static_cast<size_t>(i)] =
+        b.from[i] == origin::student && obj.region.trusted(rules::make_token(b, i, seq[static_cast<size_t>(i)]), ctx) ? 1 : 0;
+}
+
 /// Result of stage 3 for a batch (unweighted per-token values).
 struct applied {
   std::vector<token_result> tok;
@@ -183,15 +196,20 @@ struct applied {
   index_t K = 0;
 };
 
-/// Stage 3: the per-token rule over the batch.
-template <class Obj>
-status apply(const Obj& obj, const token_batch& b, const std::vector<uint8_t>& trusted, applied& out) {
+/// Sizes stage 3's results for a batch (every token's result empty).
+inline void prepare_applied(const token_batch& b, applied& out) {
   const index_t n = b.s.size;
-  const std::vector<index_t> seq = detail::token_sequences(b.seq_offsets, n);
   out.K = b.topk_teacher.rows == n ? b.topk_teacher.cols : 0;
   out.tok.assign(static_cast<size_t>(n), token_result{});
   out.g_topk.assign(static_cast<size_t>(n * out.K), 0.0);
-  for (index_t i = 0; i < n; ++i) {
+}
+
+/// Stage 3 for the tokens [i0, i1) of a batch into `out` (sized by prepare_applied).
+/// `seq`: every token's sequence (detail::token_sequences).
+template <class Obj>
+status apply_range(const Obj& obj, const token_batch& b, const std::vector<uint8_t>& trusted, const index_t* seq, index_t i0,
+                   index_t i1, applied& out) {
+  for (index_t i = i0; i < i1; ++i) {
     const token tk = rules::make_token(b, i, seq[static_cast<size_t>(i)]);
     const topk_row list = rules::make_topk_row(b, i);
     double* g = out.K > 0 ? out.g_topk.data() + i * out.K : nullptr;
@@ -202,6 +220,15 @@ status apply(const Obj& obj, const token_batch& b, const std::vector<uint8_t>& t
     out.tok[static_cast<size_t>(i)] = r;
   }
   return {};
+}
+
+/// Stage 3: the per-token rule over the batch.
+template <class Obj>
+status apply(const Obj& obj, const token_batch& b, const std::vector<uint8_t>& trusted, applied& out) {
+  const index_t n = b.s.size;
+  const std::vector<index_t> seq = detail::token_sequences(b.seq_offsets, n);
+  prepare_applied(b, out);
+  return apply_range(obj, b, trusted, seq.data(), 0, n, out);
 }
 
 /// Stage 4: aggregation weights w_i and the normaliser (aggregation/aggregation.hpp).
@@ -344,9 +371,11 @@ inline double folded_topk(const token_batch& b, const applied& a, index_t i, ind
 
 /// Checks, before anything is written, that every weighted per-token output and every
 /// gradient entry it induces fits `limit` (the largest finite value of the narrowest output
-/// written): a finite double that overflows is an error, never a silent inf.
-inline status check_output_range(const token_batch& b, const applied& a, const std::vector<double>& w, double limit) {
-  for (index_t i = 0; i < b.s.size; ++i) {
+/// written): a finite double that overflows is an error, never a silent inf. Tokens [i0, i1)
+/// (i1 < 0: to the end of the batch).
+inline status check_output_range(const token_batch& b, const applied& a, const std::vector<double>& w, double limit, index_t i0 = 0,
+                                 index_t i1 = -1) {
+  for (index_t i = i0; i < (i1 < 0 ? b.s.size : i1); ++i) {
     const token_result& r = a.tok[static_cast<size_t>(i)];
     const double wi = abs_(w[static_cast<size_t>(i)]);
     // A dense gradient entry is at most |g_j| + p_j |P_j| (core/sparse_terms.hpp).

@@ -41,6 +41,18 @@ TROPD_HD inline bool add_pg_term(const Clip& clip, double advantage, const token
 
 }  // namespace detail
 
+/// Whether evaluate_token marks a token of origin `from` flags::counted, whatever its values:
+/// every student token; a teacher-prefix token when the guidance term or a dense term applies.
+/// The counted tokens are thus known before any log-prob is, which lets the fused LM head
+/// (host/fused_lm_head.hpp) compute the aggregation weights before the logits exist; it
+/// checks every token's result against this.
+template <class Obj>
+TROPD_HD constexpr bool counted_by(const Obj& obj, origin from) noexcept {
+  if (from == origin::student) return true;
+  if (from == origin::teacher) return obj.guidance_beta > 0 || Obj::has_dense;
+  return false;
+}
+
 template <class Obj>
 TROPD_HD token_result evaluate_token(const Obj& obj, const token& tk, const topk_row& list, bool trusted, double* g_topk) noexcept {
   token_result r;

@@ -101,10 +101,14 @@ inline entropy_opd_objective entropy_opd(const entropy_opd_config& c = {}) {
 
 using clip_outlier_objective = objective<regions::log_ratio_threshold, estimators::k1_reward, outliers::clip_reward, clippers::pg_clip>;
 
-struct clip_outlier_config {
+/// The static-threshold variants (clip / mask outlier): tokens with R <= tau are outliers.
+struct threshold_config {
   double tau = -5.0;            ///< static threshold (unpublished in the paper; tropd's default)
   double guidance_beta = 0.0;   ///< off-policy guidance (the TrOPD variant: 1e-3)
 };
+using clip_outlier_config = threshold_config;
+using mask_outlier_config = threshold_config;
+
 /// Clip outlier: A = max(R, tau).
 inline clip_outlier_objective clip_outlier(const clip_outlier_config& c = {}) {
   clip_outlier_objective o;
@@ -116,10 +120,6 @@ inline clip_outlier_objective clip_outlier(const clip_outlier_config& c = {}) {
 
 using mask_outlier_objective = objective<regions::log_ratio_threshold, estimators::k1_reward, outliers::drop, clippers::pg_clip>;
 
-struct mask_outlier_config {
-  double tau = -5.0;            ///< static threshold (unpublished in the paper; tropd's default)
-  double guidance_beta = 0.0;   ///< off-policy guidance (the TrOPD variant: 1e-3)
-};
 /// Mask outlier: A = R if R > tau, else the token is dropped (token-mean over all tokens).
 inline mask_outlier_objective mask_outlier(const mask_outlier_config& c = {}) {
   mask_outlier_objective o;

@@ -30,6 +30,7 @@
 #include <tropd/core/random.hpp>
 #include <tropd/core/status.hpp>
 #include <tropd/core/token.hpp>
+#include <tropd/schedules/phase.hpp>
 
 namespace tropd::regions {
 
@@ -64,6 +65,14 @@ concept trust_region = requires(const R& r, const token& tv, const batch_context
   { r.check() } -> std::same_as<status>;
   { R::needs_student_entropy } -> std::convertible_to<bool>;
   { R::needs_teacher_entropy } -> std::convertible_to<bool>;
+};
+
+/// Whether a region decides every token from the token alone: it has no batch decision
+/// (`prepare`), so its decisions can be made on any part of a batch, e.g. chunk by chunk in
+/// the fused LM head (core/fused_lm_head.hpp: one sweep instead of two).
+template <class R>
+inline constexpr bool decides_per_token = !requires(const R& r, const batch_tokens& bt, batch_context& ctx, batch_storage& st) {
+  r.prepare(bt, ctx, st);
 };
 
 /// Every token is trusted (OPD).
@@ -176,13 +185,18 @@ struct phase_switch {
   A first{};
   B second{};
   long long switch_step = 0;
+  /// The phase rule (schedules/phase.hpp): `first` in phase 0, `second` in phase 1.
+  TROPD_HD constexpr bool in_first(uint64_t step) const noexcept {
+    return schedules::phase_switch{switch_step}.phase(static_cast<long long>(step)) == 0;
+  }
   TROPD_HD constexpr status check() const noexcept {
-    if (switch_step < 0) return make_error(errc::invalid_parameter, "phase_switch: switch_step must be >= 0");
+    const status p = schedules::phase_switch{switch_step}.check();
+    if (!p.ok()) return p;
     const status a = first.check();
     return a.ok() ? second.check() : a;
   }
   status prepare(const batch_tokens& b, batch_context& ctx, batch_storage& st) const {
-    if (static_cast<long long>(ctx.step) < switch_step) {
+    if (in_first(ctx.step)) {
       if constexpr (requires { first.prepare(b, ctx, st); }) return first.prepare(b, ctx, st);
     } else {
       if constexpr (requires { second.prepare(b, ctx, st); }) return second.prepare(b, ctx, st);
@@ -190,7 +204,7 @@ struct phase_switch {
     return {};
   }
   TROPD_HD constexpr bool trusted(const token& tv, const batch_context& ctx) const noexcept {
-    return static_cast<long long>(ctx.step) < switch_step ? first.trusted(tv, ctx) : second.trusted(tv, ctx);
+    return in_first(ctx.step) ? first.trusted(tv, ctx) : second.trusted(tv, ctx);
   }
 };
 static_assert(trust_region<phase_switch<log_ratio_threshold, entropy_top_fraction>>);

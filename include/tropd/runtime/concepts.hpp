@@ -12,8 +12,7 @@
 //   student_with_logprobs     logprobs(batch, [n]) and backward_logprobs(batch, dL/ds [n])
 //   teacher_model           logprobs(batch, [n]) (log p_T of each token)
 //   teacher_with_logits     logits(batch, [n x V])
-//   teacher_with_topk       topk(batch, k, ids [n x k], logprobs [n x k])
-//   teacher_with_entropy    entropy(batch, [n]) (full-vocabulary H_T per position)
+//   teacher_with_topk       topk(batch, k, ids [n x k], logprobs [n x k]) (a served teacher's lists)
 //
 // Every member returns tropd::status (or the continuation for `sample`). The driver
 // (runtime/driver.hpp) checks these concepts with static_asserts that say what is missing.
@@ -88,11 +87,6 @@ concept teacher_with_logits = logits_source<M>;
 template <class M>
 concept teacher_with_topk = requires(M& m, const sequence_batch& b, int k, matrix_view<int32_t> ids, matrix_view<float> lp) {
   { m.topk(b, k, ids, lp) } -> std::same_as<status>;
-};
-
-template <class M>
-concept teacher_with_entropy = requires(M& m, const sequence_batch& b, vector_view<float> out) {
-  { m.entropy(b, out) } -> std::same_as<status>;
 };
 
 }  // namespace tropd::runtime

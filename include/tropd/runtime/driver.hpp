@@ -11,13 +11,19 @@
 //   and returns the loss and diagnostics. The driver owns neither model nor optimiser:
 //   the caller steps its optimiser after the call.
 //
-// Path selection: if both models expose logits, the row path runs (every objective,
-// including GKD, except those whose trust estimator needs a third model's log-probs: G-OPD
-// reports errc::unsupported from the driver; call host::evaluate_rows with row_inputs::ref);
-// otherwise the token path runs with the student's log-probs and the teacher's log-probs
-// (objectives whose outlier handler needs top-k lists, whose region needs entropies, in any
-// phase, or with a dense term require the row path and report errc::unsupported). On the
-// token path the models' log-probs must be at the sampling temperature.
+// Path selection:
+//   1. both models expose logits: the row path (every objective, including GKD, except those
+//      whose trust estimator needs a third model's log-probs: G-OPD reports errc::unsupported
+//      from the driver; call host::evaluate_rows with row_inputs::ref);
+//   2. the student exposes logits and the teacher is served (log-probs of the tokens, and its
+//      top-k lists where the objective's outlier handler needs them): the row path with
+//      host::teacher_logprobs (objectives that read the teacher's entropy, the per-position
+//      KL or a dense term need the teacher's logits);
+//   3. otherwise the token path with the student's and the teacher's log-probs (objectives
+//      whose outlier handler needs top-k lists, whose region needs entropies, in any phase,
+//      or with a dense term report errc::unsupported there).
+// The served teacher's log-probs and lists, and the token path's log-probs, must be at the
+// temperatures the objective should see (a served teacher cannot be re-tempered).
 #pragma once
 
 #include <stdint.h>
@@ -151,6 +157,39 @@ status distill_step(Student& student, Teacher& teacher, std::span<const schedule
       return {};
     }
   }
+  // A served teacher: its log-probs of the tokens and, for a top-k outlier term, its lists.
+  constexpr bool served = student_with_logits<Student> && !teacher_with_logits<Teacher> && logprob_source<Teacher> &&
+                          (!Obj::outlier_type::needs_topk || teacher_with_topk<Teacher>) && !Obj::has_dense &&
+                          !Obj::region_type::needs_teacher_entropy && !Obj::trust_type::needs_rkl;
+  if constexpr (served) {
+    if (!cfg.force_token_path) {
+      const index_t V = student.vocab_size();
+      std::vector<float> zs(static_cast<size_t>(n * V)), g(static_cast<size_t>(n * V)), t(static_cast<size_t>(n));
+      TROPD_TRY(student.logits(sb, make_matrix(zs.data(), n, V)));
+      TROPD_TRY(teacher.logprobs(sb, vector_view<float>{t.data(), n}));
+      host::row_inputs in{.ids = {B.tokens.data(), n},
+                          .from = {B.origin.data(), n},
+                          .seq_offsets = {B.seq_offsets.data(), static_cast<index_t>(B.seq_offsets.size())},
+                          .seq_ids = {B.seq_ids.data(), static_cast<index_t>(B.seq_ids.size())},
+                          .student_temperature = cfg.temperature};
+      std::vector<int32_t> ids;
+      std::vector<float> lp;
+      if constexpr (Obj::outlier_type::needs_topk) {
+        const int k = obj.outlier.fkl.k;
+        if (k < 1) return make_error(errc::invalid_parameter, "topk_forward_kl: k must be >= 1");
+        ids.assign(static_cast<size_t>(n * k), 0);
+        lp.assign(static_cast<size_t>(n * k), 0.f);
+        TROPD_TRY(teacher.topk(sb, k, make_matrix(ids.data(), n, k), make_matrix(lp.data(), n, k)));
+        in.teacher_topk = {make_matrix<const int32_t>(ids.data(), n, k), make_matrix<const float>(lp.data(), n, k)};
+      }
+      TROPD_TRY(host::evaluate_rows(obj, make_matrix<const float>(zs.data(), n, V), host::teacher_logprobs{.t = {t.data(), n}}, in,
+                                    host::row_outputs<>{.grad = make_matrix(g.data(), n, V), .loss = &rep.loss, .diag = &rep.diag}, eo));
+      TROPD_TRY(student.backward_logits(sb, make_matrix<const float>(g.data(), n, V)));
+      rep.row_path = true;
+      report = std::move(rep);
+      return {};
+    }
+  }
   if constexpr (student_with_logprobs<Student> && logprob_source<Teacher>) {
     if constexpr (Obj::has_dense || Obj::outlier_type::needs_topk || Obj::region_type::needs_student_entropy ||
                   Obj::region_type::needs_teacher_entropy || Obj::trust_type::needs_rkl || Obj::trust_type::needs_ref) {
@@ -172,7 +211,9 @@ status distill_step(Student& student, Teacher& teacher, std::span<const schedule
       return {};
     }
   } else {
-    return make_error(errc::unsupported, "no usable path: need logits on both models, or log-probs on both models");
+    return make_error(errc::unsupported,
+                      "no usable path: need logits on both models, a student with logits and a served teacher (log-probs, and "
+                      "top-k lists for a top-k objective), or log-probs on both models");
   }
 }
 

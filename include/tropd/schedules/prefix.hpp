@@ -32,6 +32,7 @@
 #include <tropd/core/numerics.hpp>
 #include <tropd/core/random.hpp>
 #include <tropd/core/status.hpp>
+#include <tropd/schedules/phase.hpp>
 
 namespace tropd::schedules {
 
@@ -253,25 +254,5 @@ TROPD_HD long long prefix_length(const S& schedule, const schedule_point& p, pre
   const long long l = static_cast<long long>(x);    // x >= 0: truncation is floor
   return l < 0 ? 0 : (l > L ? L : l);
 }
-
-// ---------------------------------------------------------------------------------------
-// REOPOLD phase switch
-// ---------------------------------------------------------------------------------------
-
-/// REOPOLD's two phases (method.md 5): phase 0 (exploration: keep tokens with R >= floor)
-/// for step < switch_step, phase 1 (refinement: top-entropy tokens) from switch_step on.
-struct phase_switch {
-  long long switch_step = 0;
-
-  TROPD_HD constexpr int phase(long long step_i) const noexcept { return step_i >= switch_step ? 1 : 0; }
-  TROPD_HD constexpr status check() const noexcept {
-    if (switch_step < 0) return make_error(errc::invalid_parameter, "phase_switch: switch_step must be >= 0");
-    return ok_status();
-  }
-};
-static_assert(std::is_trivially_copyable_v<phase_switch>);
-
-/// REOPOLD's default switch step: mid-training, total_steps / 2 (integer division).
-TROPD_HD constexpr long long reopold_default_switch(long long total_steps) noexcept { return total_steps / 2; }
 
 }  // namespace tropd::schedules
