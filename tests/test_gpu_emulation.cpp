@@ -730,7 +730,7 @@ emu_out emu_tokens(const Obj& obj, const tropd::token_batch& b, uint64_t seed, u
       }
       ctx.seq_masked = seq_masked.data();
     } else if constexpr (requires { region.first; }) {
-      if (static_cast<long long>(step) < region.switch_step) self(region.first, self);
+      if (region.in_first(step)) self(region.first, self);
       else self(region.second, self);
     }
   };

@@ -6,6 +6,10 @@
 // block collectives), and the TROPD_HD rules a CPU compiler also builds (*_rules.hpp).
 #pragma once
 
+#if !defined(__CUDACC__)
+#error "tropd/gpu is CUDA code: compile this translation unit with nvcc (host-only code includes <tropd/tropd.hpp>)"
+#endif
+
 #include <tropd/gpu/config.cuh>
 #include <tropd/gpu/objective.cuh>
 #include <tropd/gpu/rows.cuh>

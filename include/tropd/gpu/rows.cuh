@@ -27,6 +27,10 @@
 // gpu/objective.cuh.
 #pragma once
 
+#if !defined(__CUDACC__)
+#error "tropd/gpu is CUDA code: compile this translation unit with nvcc (host-only code includes <tropd/tropd.hpp>)"
+#endif
+
 #include <stddef.h>
 #include <stdint.h>
 

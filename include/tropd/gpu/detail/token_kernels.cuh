@@ -233,7 +233,7 @@ inline status device_prepare(const regions::sequence_ratio_bound& r, const token
 template <class A, class B>
 inline status device_prepare(const regions::phase_switch<A, B>& r, const token_batch& b, const token_scratch& sc, uint64_t step,
                              index_t n, cudaStream_t stream) {
-  if (static_cast<long long>(step) < r.switch_step) return device_prepare(r.first, b, sc, step, n, stream);
+  if (r.in_first(step)) return device_prepare(r.first, b, sc, step, n, stream);
   return device_prepare(r.second, b, sc, step, n, stream);
 }
 
