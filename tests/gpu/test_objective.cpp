@@ -499,10 +499,20 @@ TEST_CASE("gpu evaluate_rows: the teacher's top-k selected on the device (ties, 
   // Served teachers: log-probs and lists (reopold's region needs no teacher logits).
   rows_case(tp::tropd({.k = 32}), "served teacher, lists", make_rows<float>(rng, 2000, true, 32), {.seed = 2});
   rows_case(tp::reopold({.switch_step = 0}), "served teacher", make_rows<float>(rng, 2000, true, 8), {.seed = 2});
-  // Given lists with teacher logits (the logits still give t, H_T and the KL).
-  auto d = make_rows<float>(rng, 2000, true, 16);
-  auto e = make_rows<float>(rng, 2000);
-  d.teacher = e.teacher;  // any teacher logits: the lists are the caller's
+  // Given lists with teacher logits (the logits still give t, H_T and the KL): the lists are
+  // the caller's, here the teacher's top-16 shifted by one rank (so they differ from a selection).
+  auto d = make_rows<float>(rng, 2000);
+  d.K = 16;
+  for (index_t r = 0; r < d.n; ++r) {
+    std::vector<int32_t> order(2000);
+    std::iota(order.begin(), order.end(), 0);
+    const float* u = d.teacher.data() + r * 2000;
+    std::partial_sort(order.begin(), order.begin() + 17, order.end(), [&](int32_t a, int32_t b) { return u[a] > u[b]; });
+    for (index_t k = 0; k < 16; ++k) {
+      d.list_ids.push_back(order[size_t(k + 1)]);
+      d.list_lp.push_back(-2.0f - 0.1f * float(k));
+    }
+  }
   rows_case(tp::eopd({.k = 16}), "given lists with teacher logits", d, {.seed = 2});
 }
 
