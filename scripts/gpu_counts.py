@@ -11,12 +11,16 @@ binary, it prints:
     the instructions from its target to the branch): the SASS instructions of the whole body
     and of its hot path, per element. The hot path leaves out the instructions that come from
     the bodies of "cold" functions (--cold, default rebase, flush, report: the running-maximum
-    rebase, the fp32 -> fp64 flush every 16 vectors, the status-word report), found through
+    rebase or new_max, the fp32 -> fp64 flush every 16 vectors, the masked path of a vector
+    with -inf or underflowing entries (add_masked), the status-word report), found through
     the binary's line table (-lineinfo, TROPD_CUDA_LINEINFO=ON) and the sources it names. Both
     arms of an if/else stay in the hot path (JSD's pass 1b and 2 are counted that way).
-    Elements per iteration of a vector loop (one with 16-byte global loads) = vectors per
-    iteration (--vectors-per-iter, 2: rows.cuh's sweep keeps two in flight) x 16 / the logit
-    size; head and tail loops (scalar) are listed but not counted per element;
+    Elements per iteration of a vector loop (one with 16-byte global loads): a loop that stores
+    writes one gradient element (GRAD_BYTES) per element, one that does not reads INPUT_ROWS
+    logits per element (so the compiler's unrolling of gpu/detail/vector_io.cuh's sweep is
+    followed; --vectors-per-iter fixes it instead). Of the vector loops of one pass (one call
+    site), the one with the most elements per iteration is counted; the others are its
+    remainders. Head and tail loops (scalar) are listed but not counted per element;
   * the global bytes each loop reads and writes per element on its hot path, summed over the
     vector loops (the HBM traffic per call by construction, when nothing is re-read from L2);
   * a predicted fraction of the device-to-device copy bandwidth, per machine model:
@@ -39,14 +43,19 @@ import tempfile
 
 # label : bytes per logit : input rows read per element (the floor) : regex on the demangled name.
 DEFAULT_KERNELS = [
-    "rkl fp32:4:2:rows_kernel<[^(]*reverse_kl>, float, float, float>",
-    "rkl bf16:2:2:rows_kernel<[^(]*reverse_kl>, tropd::bf16, tropd::bf16, float>",
-    "jsd fp32:4:2:rows_kernel<[^(]*jsd>, float, float, float>",
-    "jsd bf16:2:2:rows_kernel<[^(]*jsd>, tropd::bf16, tropd::bf16, float>",
-    "topk fp32:4:1:rows_kernel<[^(]*topk_task, float, float, float>",
-    "topk bf16:2:1:rows_kernel<[^(]*topk_task, tropd::bf16, float, float>",
+    # Row functions (gpu/rows.cuh): the one-block-per-row kernel holds every pass of a row.
+    "rkl fp32:4:2:rows_row_per_block_kernel<[^(]*dense_task<tropd::estimators::reverse_kl, tropd::estimators::moments_needed\\{false, false, true, false\\}>, float, float, float>",
+    "rkl bf16:2:2:rows_row_per_block_kernel<[^(]*dense_task<tropd::estimators::reverse_kl, tropd::estimators::moments_needed\\{false, false, true, false\\}>, tropd::bf16, tropd::bf16, float>",
+    "jsd fp32:4:2:rows_row_per_block_kernel<[^(]*dense_task<tropd::estimators::jsd, tropd::estimators::moments_needed\\{false, false, true, true\\}>, float, float, float>",
+    "jsd bf16:2:2:rows_row_per_block_kernel<[^(]*dense_task<tropd::estimators::jsd, tropd::estimators::moments_needed\\{false, false, true, true\\}>, tropd::bf16, tropd::bf16, float>",
+    "topk fp32:4:1:rows_row_per_block_kernel<[^(]*topk_task<false, float>, float, float, float>",
+    "topk bf16:2:1:rows_row_per_block_kernel<[^(]*topk_task<false, float>, tropd::bf16, tropd::bf16, float>",
+    # The row-level objective (gpu/objective.cuh): pass 1 and pass 2 are two kernels with the
+    # token stages between them; a label starting with '+' sums the loops of every match.
+    "+opd fp32:4:2:objective_(rows_kernel<tropd::objective<tropd::regions::all_trusted, tropd::estimators::k1_reward, tropd::outliers::drop, [^(]*moments_needed\\{false, false, false, false\\}>, true, float, float>|grad_kernel<tropd::objective<tropd::regions::all_trusted, tropd::estimators::k1_reward, tropd::outliers::drop, [^(]*true, float, float, float>)",
+    "+opd bf16:2:2:objective_(rows_kernel<tropd::objective<tropd::regions::all_trusted, tropd::estimators::k1_reward, tropd::outliers::drop, [^(]*moments_needed\\{false, false, false, false\\}>, true, tropd::bf16, tropd::bf16>|grad_kernel<tropd::objective<tropd::regions::all_trusted, tropd::estimators::k1_reward, tropd::outliers::drop, [^(]*true, tropd::bf16, tropd::bf16, float>)",
 ]
-DEFAULT_COLD = "rebase,flush,report"
+DEFAULT_COLD = "rebase,flush,report,new_max,add_masked"
 GRAD_BYTES = 4  # the benchmark's gradient is fp32
 
 # Machine models: name, SMs, clock (GHz), device-to-device copy bandwidth (bytes read + written
@@ -285,7 +294,9 @@ def main():
     ap.add_argument("--arch", action="append", help="SASS architecture(s) to analyse, e.g. sm_90 (default: every one in the binary)")
     ap.add_argument("--kernel", action="append", help="LABEL:LOGIT_BYTES:INPUT_ROWS:REGEX (repeatable; default: rkl/jsd/topk x fp32/bf16 fused kernels)")
     ap.add_argument("--cold", default=os.environ.get("TROPD_COUNT_COLD", DEFAULT_COLD), help="comma-separated cold function names (default %(default)s)")
-    ap.add_argument("--vectors-per-iter", type=int, default=2)
+    ap.add_argument("--vectors-per-iter", type=int, default=0,
+                    help="vectors per row per vector-loop iteration; 0 (default): from the loop's own stores (GRAD_BYTES per element) "
+                         "or loads (INPUT_ROWS x LOGIT_BYTES per element), which follows the compiler's unrolling")
     ap.add_argument("--min-body", type=int, default=20, help="loops with fewer instructions are not listed (default %(default)s)")
     ap.add_argument("--list", action="store_true", help="list every kernel (demangled) with its registers, and stop")
     ap.add_argument("--markdown", action="store_true", help="also print the summary as a Markdown table")
@@ -328,7 +339,8 @@ def main():
             if args.arch:
                 archs = [a for a in archs if a in args.arch]
             print(f"== {binary}: SASS for {', '.join(archs) or 'no selected architecture'}; "
-                  f"cold functions: {', '.join(src.cold)}; {args.vectors_per_iter} vectors of 16 bytes per vector-loop iteration")
+                  f"cold functions: {', '.join(src.cold)}; elements per vector-loop iteration "
+                  + (f"{args.vectors_per_iter} vectors of 16 bytes" if args.vectors_per_iter else "from each loop's stores or loads"))
             if not archs:
                 unmatched += 1
                 continue
@@ -358,6 +370,8 @@ def main():
                         print(f"  NO MATCH [{arch}] {label}: no kernel name matches /{pat.pattern}/ (see --list)")
                         unmatched += 1
                         continue
+                    combine = label.startswith("+")
+                    combined = []
                     for n in sorted(matches, key=lambda n: names[n]):
                         ins, labels = funcs[n]
                         r = res.get((arch, n), {})
@@ -371,33 +385,61 @@ def main():
                             print("    WARNING: ptxas -v and the binary disagree on registers (another ptxas version?)")
                         loops = [lp for lp in find_loops(ins, labels) if lp[1] - lp[0] + 1 >= args.min_body]
                         vec = []
-                        vw = 16 // esize
-                        per_iter = args.vectors_per_iter * vw
                         for k, (h, e) in enumerate(loops):
                             a = analyse_loop(ins, h, e, src)
                             outer = a["frames"][-1] if a["frames"] else None
                             where = f"line {outer[1]}: {src.text(*outer)[:70]}" if outer else "?"
                             cold = ", ".join(f"{c} {v}" for c, v in sorted(a["cold"].items())) or "none"
                             if a["vector"]:
+                                # Elements per iteration (the compiler may unroll a sweep): a loop that
+                                # stores writes one gradient element per element; one that does not
+                                # reads the input rows (INPUT_ROWS x the logit size per element).
+                                if args.vectors_per_iter > 0:
+                                    a["per_iter"] = args.vectors_per_iter * (16 // esize)
+                                elif a["written"] > 0:
+                                    a["per_iter"] = a["written"] / GRAD_BYTES
+                                else:
+                                    a["per_iter"] = a["read"] / (rows * esize)
+                                a["where"] = outer
                                 vec.append(a)
-                                idx = len(vec)
-                                if a["vec_loads"] % args.vectors_per_iter:
-                                    print(f"    WARNING: {a['vec_loads']} 16-byte loads is not a multiple of {args.vectors_per_iter} vectors")
-                                print(f"    vector loop {idx} [{a['addr'][0]:#x}..{a['addr'][1]:#x}] {where}")
-                                print(f"      body {a['body']} = hot {a['hot']} + cold ({cold}); {per_iter} elements/iteration -> "
-                                      f"hot {a['hot'] / per_iter:.1f}/element (body {a['body'] / per_iter:.1f}); "
-                                      f"MUFU {a['mufu'] / per_iter:.2f}, fp64 {a['fp64'] / per_iter:.1f}/element; "
-                                      f"reads {a['read'] / per_iter:.1f} B, writes {a['written'] / per_iter:.1f} B per element"
-                                      + (f"; {a['calls']} calls" if a["calls"] else ""))
                             else:
                                 print(f"    scalar loop [{a['addr'][0]:#x}..{a['addr'][1]:#x}] {where}: body {a['body']}, hot {a['hot']} "
                                       f"(head/tail or per-row work: not counted per element)")
+                        # Of the vector loops of one pass (one call site), the one with the most
+                        # elements per iteration is its main loop; the others are its remainders.
+                        main = {}
+                        for a in vec:
+                            if a["where"] not in main or a["per_iter"] > main[a["where"]]["per_iter"]:
+                                main[a["where"]] = a
+                        counted = []
+                        for idx, a in enumerate(vec, 1):
+                            pi = a["per_iter"]
+                            cold = ", ".join(f"{c} {v}" for c, v in sorted(a["cold"].items())) or "none"
+                            outer = a["where"]
+                            where = f"line {outer[1]}: {src.text(*outer)[:70]}" if outer else "?"
+                            is_main = main[a["where"]] is a
+                            print(f"    vector loop {idx} [{a['addr'][0]:#x}..{a['addr'][1]:#x}] {where}"
+                                  + ("" if is_main else " (a remainder of the pass's main loop: not counted)"))
+                            print(f"      body {a['body']} = hot {a['hot']} + cold ({cold}); {pi:g} elements/iteration -> "
+                                  f"hot {a['hot'] / pi:.1f}/element (body {a['body'] / pi:.1f}); "
+                                  f"MUFU {a['mufu'] / pi:.2f}, fp64 {a['fp64'] / pi:.1f}/element; "
+                                  f"reads {a['read'] / pi:.1f} B, writes {a['written'] / pi:.1f} B per element"
+                                  + (f"; {a['calls']} calls" if a["calls"] else ""))
+                            if is_main:
+                                counted.append(a)
+                        vec = counted
                         if not vec:
                             print("    WARNING: no vector loop found (no 16-byte global load inside a loop)")
                             continue
-                        summary.append((arch, label, esize, rows, regs, spill, [
-                            {k: v / per_iter for k, v in a.items() if k in ("hot", "body", "read", "written", "mufu", "fp64")} | {"stores": a["written"] > 0}
-                            for a in vec]))
+                        entry = [{k: v / a["per_iter"] for k, v in a.items() if k in ("hot", "body", "read", "written", "mufu", "fp64")} | {"stores": a["written"] > 0}
+                                 for a in vec]
+                        if combine:
+                            combined.append((regs, spill, entry))
+                        else:
+                            summary.append((arch, label, esize, rows, regs, spill, entry))
+                    if combine and combined:
+                        summary.append((arch, label[1:], esize, rows, "/".join(str(c[0]) for c in combined),
+                                        " ".join(str(c[1]) for c in combined), [l for c in combined for l in c[2]]))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -8,7 +8,7 @@
 
 #include <vector>
 
-#include "gpu/rows_device.hpp"
+#include "gpu/runs.hpp"
 
 namespace tropd_gpu_test {
 

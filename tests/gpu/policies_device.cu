@@ -11,12 +11,21 @@
 // sampled_term, vopd_reward, gopd_reward, proximal_reward; regions all_trusted,
 // stochastic_acceptance, log_ratio_threshold, teacher_entropy_gate,
 // entropy_top_fraction::trusted, sequence_ratio_bound::trusted, phase_switch; outliers
-// drop, clip_reward, topk_fkl (form P and form C, clamp); clippers no_clip, pg_clip; and
-// evaluate_token for every objective type of tropd::presets.
+// drop, clip_reward, topk_fkl (form P and form C, clamp); clippers no_clip, pg_clip;
+// evaluate_token for every objective type of tropd::presets; the per-token glue
+// (rules::sequence_of, make_token, make_topk_row, check_token_values, check_topk_list /
+// check_topk_id, log_prob_at; build_sparse_terms and sparse_terms' P_j; fold_tail,
+// tail_estimate_usable; moment_element's support rule); and the GPU backend's own TROPD_HD
+// rules (thread_moments, row_pass1_status, prob_split, grad_value, second_terms,
+// scaled_error, the stage rules), whose fp32 exponentials and logs are the hardware's
+// approximations on the device (compared at the fp32 tolerance).
 #include "gpu/policies_device.hpp"
 
 #include <tropd/core/numerics.hpp>
 #include <tropd/core/random.hpp>
+#include <tropd/core/sparse_terms.hpp>
+#include <tropd/core/token_batch.hpp>
+#include <tropd/core/token_rules.hpp>
 #include <tropd/core/types.hpp>
 #include <tropd/estimators/full_vocab.hpp>
 #include <tropd/estimators/rewards.hpp>
@@ -24,6 +33,8 @@
 #include <tropd/estimators/topk.hpp>
 #include <tropd/objective.hpp>
 #include <tropd/regions/regions.hpp>
+#include <tropd/gpu/detail/row_rules.hpp>
+#include <tropd/gpu/detail/stage_rules.hpp>
 
 #include <cuda_runtime.h>
 
@@ -91,10 +102,18 @@ TROPD_HD void moments_block(recorder& rec) {
   for (int i = 4; i < 8; ++i) right.push(a[i], b[i]);
   left.merge(right);
   te::row_moments<F> rb = m;
-  rb.rebase(m.ms + F(1), m.mt + F(2));
+  rb.rebase(m.max_s + F(1), m.max_t + F(2));
   for (const te::row_moments<F>* p : {&m, &left, &rb}) {
-    rec(p->ms); rec(p->ss); rec(p->es); rec(p->xs);
-    rec(p->mt); rec(p->st); rec(p->et); rec(p->xt);
+    rec(p->max_s); rec(p->mass_s); rec(p->moment_s); rec(p->cross_s);
+    rec(p->max_t); rec(p->mass_t); rec(p->moment_t); rec(p->cross_t);
+  }
+  // The support rule of the moment sums, element by element (estimators::moment_element).
+  for (int i = 0; i < 8; ++i) {
+    F e[6];
+    te::moment_element<te::scalar_ops<F>>(a[i], b[i], F(3.0), F(4.0), true, te::exp_floor<F>, e);
+    for (F x : e) rec(double(x));
+    te::moment_element<te::scalar_ops<F>>(a[i], b[i], F(3.0), F(4.0), false, te::exp_floor<F>, e);
+    rec(double(e[te::moment_w])); rec(double(e[te::moment_w_da]));
   }
   // Finite rows (for summarize): drop the zero-mass mismatch.
   te::row_moments<F> f;
@@ -175,8 +194,8 @@ TROPD_HD void full_vocab_policy(const Est& est, recorder& rec) {
     const F ls = a[i] - F(s.lse_s), lt = b[i] - F(s.lse_t);
     est.accumulate(ls, lt, exp_(ls), exp_(lt), acc);
   }
-  s.sum0 = acc[0];
-  s.sum1 = acc[1];
+  s.second[0] = acc[0];
+  s.second[1] = acc[1];
   rec(acc[0]); rec(acc[1]); rec(est.value(s)); rec(est.finite(s) ? 1 : 0);
   for (int i = 0; i < 6; ++i) {
     const F ls = a[i] - F(s.lse_s), lt = b[i] - F(s.lse_t);
@@ -246,7 +265,15 @@ TROPD_HD void trust_value_of(const T& est, recorder& rec) {
   rec.status_of(est.check());
   for (double s : {-0.3, -2.0})
     for (double t : {-0.1, -4.0}) {
-      const te::trust_value v = est(te::token_terms{s, s - 0.2, t, 0.7, -1.5});
+      token tk;
+      tk.from = origin::student;
+      tk.s = s;
+      tk.s_old = s - 0.2;
+      tk.t = t;
+      tk.R = t - tk.s_old;
+      tk.rkl = 0.7;
+      tk.ref = -1.5;
+      const te::trust_value v = est(tk);
       rec(v.pg ? 1 : 0); rec(v.advantage); rec(v.loss); rec(v.dloss_ds);
     }
 }
@@ -269,7 +296,7 @@ template <class R>
 TROPD_HD void region_of(const R& region, const tr::batch_context& ctx, recorder& rec) {
   rec.status_of(region.check());
   for (int i = 0; i < 24; ++i) {
-    tr::token_view tv;
+    token tv;
     tv.s = -0.1 * i;
     tv.s_old = tv.s - 0.05;
     tv.t = -0.3 * i;
@@ -308,11 +335,20 @@ TROPD_HD void outlier_of(const O& o, recorder& rec) {
   rec.status_of(o.check());
   const float tq[] = {-0.4f, -1.6f, -inf<float>(), -2.9f};
   const float ts[] = {-1.0f, -0.9f, 0.0f, -4.0f};
-  const float tso[] = {-1.1f, -0.8f, 0.0f, -3.5f};
-  const to::topk_row row{tq, ts, tso, 4};
+  const double tso[] = {-1.1, -0.8, 0.0, -3.5};
+  topk_row row;
+  row.teacher = values_row{tq, scalar_type::f32};
+  row.student = values_row{ts, scalar_type::f32};
+  row.student_old = values_row{tso, scalar_type::f64};
+  row.k = 4;
   for (double R : {0.5, -1.0, -7.0, -inf<double>()}) {
     double g[4] = {7, 7, 7, 7};
-    const to::outlier_value v = o(R, row, g);
+    token tk;
+    tk.from = origin::student;
+    tk.R = R;
+    tk.t = R - 1.0;
+    tk.s = tk.s_old = -1.0;
+    const to::outlier_value v = o(tk, row, g);
     rec(v.kept ? 1 : 0); rec(v.pg ? 1 : 0); rec(v.advantage); rec(v.loss); rec(v.clipped ? 1 : 0);
     rec(v.teacher_mass); rec(v.student_mass);
     rec.status_of(v.st);
@@ -365,17 +401,22 @@ TROPD_HD void objective_of(const Obj& obj, recorder& rec) {
   const float ts[] = {-1.0f, -0.9f, 0.0f, -4.0f};
   const float tso[] = {-1.1f, -0.8f, 0.0f, -3.5f};
   for (int k = 0; k < 10; ++k) {
-    token_input in;
+    token in;
     in.from = k < 2 ? origin::prompt : (k < 4 ? origin::teacher : origin::student);
     in.s = -0.2 - 0.3 * k;
     in.s_old = in.s + (k % 3 - 1) * 0.25;
     in.t = k == 9 ? -inf<double>() : -0.1 - 0.7 * (k % 4);
+    in.R = in.t - in.s_old;
     in.rkl = 0.3 + 0.1 * k;
     in.ref = -1.0 - 0.05 * k;
-    in.topk = outliers::topk_row{tq, ts, k % 2 ? tso : nullptr, 4};
+    topk_row list;
+    list.teacher = values_row{tq, scalar_type::f32};
+    list.student = values_row{ts, scalar_type::f32};
+    list.student_old = k % 2 ? values_row{tso, scalar_type::f32} : list.student;
+    list.k = 4;
     for (bool trusted : {true, false}) {
       double g[4] = {5, 5, 5, 5};
-      const token_result r = evaluate_token(obj, in, trusted, g);
+      const token_result r = evaluate_token(obj, in, list, trusted, g);
       rec(r.loss); rec(r.dloss_ds); rec(r.advantage); rec(r.loss_trust); rec(r.loss_outlier); rec(r.loss_guidance);
       rec(r.teacher_mass); rec(r.student_mass); rec(r.topk_grad ? 1 : 0); rec(double(r.flags));
       rec.status_of(r.st);
@@ -440,10 +481,119 @@ TROPD_HD void objectives_block(const objective_set& o, recorder& rec) {
 }
 
 // ---------------------------------------------------------------------------
+// The per-token glue (core/token_rules.hpp, core/sparse_terms.hpp, the top-k helpers) and the
+// GPU backend's own TROPD_HD rules (gpu/detail/row_rules.hpp, stage_rules.hpp)
+// ---------------------------------------------------------------------------
+
+TROPD_HD void rules_block(recorder& rec) {
+  // A batch of 6 tokens in 2 sequences with lists of 3 (views over local arrays).
+  const double s[6] = {-0.5, -1.2, -0.3, -2.0, -0.7, -1.1};
+  const float s_old[6] = {-0.45f, -1.3f, -0.35f, -1.9f, -0.6f, -1.0f};
+  const double t[6] = {-0.2, -inf<double>(), -0.9, -0.1, -3.0, -0.8};
+  const double ent[6] = {0.5, 1.5, 0.7, 2.2, 0.1, 0.9};
+  const origin from[6] = {origin::prompt, origin::teacher, origin::student, origin::student, origin::student, origin::teacher};
+  const index_t off[3] = {0, 2, 6};
+  const uint64_t ids[2] = {11, 12};
+  const int32_t tk_ids[18] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 3, 1, 7, 2, 2, 5, 0, 1, 2};
+  const double tq[18] = {-0.5, -1.0, -2.0, -0.3, -inf<double>(), -1.5, -0.2, -0.9, -3.0, -0.4, -0.8, -1.7, -0.6, -0.7, -0.9, -1, -2, -3};
+  const double ts[18] = {-0.6, -1.1, -1.9, -0.4, -2.0, -1.2, -0.3, -1.0, -2.5, -0.5, -0.9, -1.5, -0.4, -0.8, -1.0, -1, -2, -3};
+  token_batch b;
+  b.s = values_view(s, 6);
+  b.s_old = values_view(s_old, 6);
+  b.t = values_view(t, 6);
+  b.from = {from, 6};
+  b.seq_offsets = {off, 3};
+  b.seq_ids = {ids, 2};
+  b.student_entropy = values_view(ent, 6);
+  b.topk_ids = make_matrix<const int32_t>(tk_ids, 6, 3);
+  b.topk_teacher = values_matrix(tq, 6, 3, 3);
+  b.topk_student = values_matrix(ts, 6, 3, 3);
+  for (index_t i = 0; i < 6; ++i) {
+    const index_t j = rules::sequence_of(off, 2, i);
+    const token tk = rules::make_token(b, i, j);
+    rec(double(j)); rec(double(int(tk.from))); rec(tk.s); rec(tk.s_old); rec(tk.t); rec(tk.R); rec(tk.ent_s);
+    rec(is_nan(tk.ent_t) ? 1 : 0); rec(double(tk.seq_id)); rec(double(tk.position)); rec(double(tk.seq_index));
+    const topk_row row = rules::make_topk_row(b, i);
+    rec(double(row.k)); rec(row.teacher[0]); rec(row.student[2]); rec(row.student_old[1]);
+    rec.status_of(rules::check_token_values(b, i, true));
+    rec.status_of(rules::check_topk_list(b.topk_ids.row(i), b.topk_teacher.row(i), 3, 9, i));
+    for (int e = 0; e < 3; ++e) rec.status_of(rules::check_topk_id(b.topk_ids.row(i), b.topk_teacher.row(i), e, -1, i));
+  }
+  const float logits[5] = {0.5f, -1.0f, 2.0f, -inf<float>(), 0.25f};
+  const bf16 logits16[2] = {bf16::from_float(1.5f), bf16::from_float(-0.75f)};
+  for (int32_t id = 0; id < 5; ++id) rec(rules::log_prob_at(logits, id, 1.0f / 0.7f, 2.4));
+  rec(rules::log_prob_at(logits16, 1, 1.25f, 0.3));
+  rec(rules::log_prob_at(tq, 2, 1.0 / 1.3, -0.1));
+  // Sparse terms and the top-k helpers.
+  const double g[3] = {-0.3, -0.2, -0.1};
+  int32_t sid[4];
+  double sco[4];
+  const sparse_terms sp = build_sparse_terms(tk_ids + 3, values_row{tq + 3, scalar_type::f64}, g, 3, 1.7, 0.25, 4, 0.6, sid, sco);
+  rec(double(sp.n)); rec(double(sp.n_listed)); rec(sp.sum()); rec(sp.p_coef_listed(sp.sum())); rec(sp.p_coef_other(sp.sum()));
+  rec(sp.split() ? 1 : 0); rec(sp.magnitude_bound());
+  for (int e = 0; e < sp.n; ++e) { rec(double(sid[e])); rec(sco[e]); }
+  double gf[3] = {-0.3, -0.2, -0.1};
+  te::fold_tail(values_row{tq, scalar_type::f64}, values_row{ts, scalar_type::f64}, 3, 0.4, gf);
+  for (double x : gf) rec(x);
+  rec(te::tail_estimate_usable(-1.0, 64, 20.0) ? 1 : 0);
+  rec(te::tail_estimate_usable(-9.0, 64, 20.0) ? 1 : 0);
+  rec(te::tail_estimate_usable(-1.0, 64, 1e5) ? 1 : 0);
+  // The GPU backend's row rules (fp32 exponentials and logs in hardware on the device).
+  namespace gd = tropd::gpu::detail;
+  const float z[8] = {0.5f, -1.25f, -inf<float>(), 3.0f, 2.5f, -7.0f, 0.0f, 1.0f};
+  const float u[8] = {-0.5f, 2.0f, -inf<float>(), 1.0f, 0.75f, -1.0f, 4.0f, 1.0f};
+  for (int m = 0; m < 2; ++m) {
+    te::row_moments<double> acc;
+    gd::thread_moments<float, true> tm(m ? 1.0 / 0.7 : 1.0, 1.0, &acc);
+    tm.add<8>(z, u);
+    const float z2[4] = {0.1f, 0.2f, 0.3f, 0.4f}, u2[4] = {1.0f, 1.1f, 1.2f, 1.3f};
+    tm.add<4>(z2, u2);  // the fast path
+    const gd::pass1_partial p = tm.finish();
+    rec.f32(p.m.max_s); rec.f32(p.m.mass_s); rec.f32(p.m.moment_s); rec.f32(p.m.cross_s);
+    rec.f32(p.m.max_t); rec.f32(p.m.mass_t); rec.f32(p.m.moment_t); rec.f32(p.m.cross_t); rec(double(p.flagged));
+    te::row_summary sum{};
+    const gd::pass1_verdict v = gd::row_pass1_status<te::all_moments>(p, true, sum);
+    rec(double(int(v.code)));
+    rec.f32(sum.lse_s); rec.f32(sum.lse_t); rec.f32(sum.ent_s); rec.f32(sum.ent_t); rec.f32(sum.rkl); rec.f32(sum.fkl);
+    const gd::prob_split<float> ps(sum.lse_s, gd::pass_units<float>::scale(m ? 1.0 / 0.7 : 1.0)), pt(sum.lse_t, gd::pass_units<float>::scale(1.0));
+    for (int i = 0; i < 8; ++i) {
+      rec.f32(gd::grad_value<float, te::reverse_kl, float>(te::reverse_kl{}, ps, pt, z[i], u[i], 0.5f, 0.25f, sum));
+      rec.f32(gd::grad_value<float, te::jsd, float>(te::jsd{0.3}, ps, pt, z[i], u[i], 0.5f, 0.25f, sum));
+      float t0, t1;
+      gd::second_terms<float>(te::total_variation{}, ps.log_prob(ps.exponent(z[i])), pt.log_prob(pt.exponent(u[i])), ps.prob(ps.exponent(z[i])),
+                              pt.prob(pt.exponent(u[i])), t0, t1);
+      rec.f32(t0); rec.f32(t1);
+    }
+  }
+  for (float x : {1.0f, -inf<float>(), quiet_nan<float>(), inf<float>(), 3.0e38f, -3.0e38f})
+    for (float it : {1.0f, 4.0f}) rec(double(int(gd::scaled_error<float>(x, it))));
+  // The token stages' per-item rules.
+  gd::diag_partial dp;
+  for (index_t i = 0; i < 6; ++i) {
+    token_result r;
+    r.flags = uint8_t(i % 2 ? flags::counted | flags::kept : flags::counted);
+    r.loss_trust = 0.1 * double(i);
+    r.dloss_ds = -0.2 * double(i);
+    r.teacher_mass = i == 3 ? 0.7 : 0.0;
+    r.student_mass = 0.6;
+    const gd::token_record x = gd::make_record(r, i % 3 == 0);
+    const double w = gd::token_weight(x.flags, 0.5, 4.0);
+    rec(w);
+    dp.add(b, i, x, w, 0.0, 0.0);
+    rec(gd::output_fits(x, g, values_row{tq, scalar_type::f64}, values_row{ts, scalar_type::f64}, 3, w, 1e300) ? 1 : 0);
+    rec(gd::folded_topk(x, g, values_row{tq, scalar_type::f64}, values_row{ts, scalar_type::f64}, 1));
+  }
+  const diagnostics d = dp.finish(6, 4.0, true, false, false, 1, false);
+  rec(d.loss); rec(d.loss_trust); rec(double(d.n_student)); rec(double(d.n_trusted)); rec(d.tv_estimate); rec(d.mean_R_trusted);
+  rec(d.mean_student_entropy); rec(d.mean_topk_teacher_mass);
+  rec(double(gd::top_fraction_rank(0.2, 7))); rec(double(gd::top_fraction_rank(1.0, 7))); rec(double(gd::top_fraction_rank(0.2, 0)));
+}
+
+// ---------------------------------------------------------------------------
 // Kernels (one thread each) and the host twin
 // ---------------------------------------------------------------------------
 
-enum block_id { numerics_id = 0, estimators_id, rewards_id, regions_id, outliers_id, objectives_id, block_count };
+enum block_id { numerics_id = 0, estimators_id, rewards_id, regions_id, outliers_id, objectives_id, rules_id, block_count };
 
 // The kernels write their values to out[0, capacity) and tolerances to out[capacity, 2 * capacity).
 __global__ void numerics_kernel(double* out, int* n) { recorder r{out, out + capacity}; numerics_block(r); *n = r.n; }
@@ -451,6 +601,7 @@ __global__ void estimators_kernel(double* out, int* n) { recorder r{out, out + c
 __global__ void rewards_kernel(double* out, int* n) { recorder r{out, out + capacity}; rewards_block(r); *n = r.n; }
 __global__ void regions_kernel(double* out, int* n) { recorder r{out, out + capacity}; regions_block(r); *n = r.n; }
 __global__ void outliers_kernel(double* out, int* n) { recorder r{out, out + capacity}; outliers_clippers_block(r); *n = r.n; }
+__global__ void rules_kernel(double* out, int* n) { recorder r{out, out + capacity}; rules_block(r); *n = r.n; }
 __global__ void objectives_kernel(objective_set o, double* out, int* n) {
   recorder r{out, out + capacity};
   objectives_block(o, r);
@@ -458,7 +609,7 @@ __global__ void objectives_kernel(objective_set o, double* out, int* n) {
 }
 
 const char* block_name(int b) {
-  static const char* names[] = {"numerics", "estimators", "rewards", "regions", "outliers/clippers", "objectives"};
+  static const char* names[] = {"numerics", "estimators", "rewards", "regions", "outliers/clippers", "objectives", "rules"};
   return names[b];
 }
 
@@ -470,6 +621,7 @@ int host_block(int b, const objective_set& o, double* out, double* tol) {
     case rewards_id: rewards_block(r); break;
     case regions_id: regions_block(r); break;
     case outliers_id: outliers_clippers_block(r); break;
+    case rules_id: rules_block(r); break;
     default: objectives_block(o, r); break;
   }
   return r.n;
@@ -497,6 +649,7 @@ int tropd_gpu_policies_check(std::string* report) {
     regions_kernel<<<1, 1>>>(d_out + regions_id * 2 * capacity, d_n + regions_id);
     outliers_kernel<<<1, 1>>>(d_out + outliers_id * 2 * capacity, d_n + outliers_id);
     objectives_kernel<<<1, 1>>>(objs, d_out + objectives_id * 2 * capacity, d_n + objectives_id);
+    rules_kernel<<<1, 1>>>(d_out + rules_id * 2 * capacity, d_n + rules_id);
     e = cudaGetLastError();
   }
   std::vector<double> dev(static_cast<size_t>(2 * capacity) * block_count);

@@ -1,6 +1,5 @@
 // Device side of the full-vocabulary row tests (test_rows.cpp): runs
 // tropd::gpu::divergence_rows on copies of host inputs, with poisoned outputs.
-// (rows.cuh first: it silences a views.hpp diagnostic for the positions it includes.)
 #include <tropd/gpu/rows.cuh>
 
 #include "gpu/harness.cuh"
@@ -32,19 +31,18 @@ run_status gpu_divergence(const Est& est, const row_case& c, const std::vector<T
   tg::row_options opt;
   opt.student_temperature = c.ts;
   opt.teacher_temperature = c.tt;
-  opt.blocks_per_row = c.blocks_per_row;
-  size_t need = tg::divergence_rows_scratch_bytes<Est>(c.rows, c.V, opt);
-  if (c.small_scratch) need -= 1;
-  TROPD_TEST_CUDA(rs, d_scratch.alloc(need));
-  TROPD_TEST_CUDA(rs, d_scratch.poison());
-
-  const tg::device_context ctx{d_scratch.ptr, need, stream.s};
+  opt.launch.blocks_per_row = c.blocks_per_row;
   const auto sv = tropd::make_matrix<const T>(d_s.get(), c.rows, c.V, c.ss());
   const auto tv = tropd::make_matrix<const T>(d_t.get(), c.rows, c.V, c.st());
   const tropd::vector_view<double> lv{d_loss.get(), c.rows};
   const tropd::matrix_view<G> gv = c.with_grad ? tropd::make_matrix<G>(d_grad.get(), c.rows, c.V, c.gs()) : tropd::matrix_view<G>{};
   const tropd::vector_view<const double> scale{d_scale.get(), static_cast<tropd::index_t>(c.grad_scale.size())};
   const tropd::vector_view<tropd::estimators::row_summary> sv_out{d_sums.get(), c.rows};
+  size_t need = tg::divergence_rows_scratch_bytes(est, sv, tv, lv, gv, opt, scale, sv_out);
+  if (c.small_scratch) need -= 1;
+  TROPD_TEST_CUDA(rs, d_scratch.alloc(need));
+  TROPD_TEST_CUDA(rs, d_scratch.poison());
+  const tg::device_context ctx{d_scratch.ptr, need, stream.s};
   rs.call = tg::divergence_rows(ctx, est, sv, tv, lv, gv, opt, scale, sv_out);
   if (!rs.call.ok()) return rs;
   rs.device = tg::read_status(d_scratch.ptr, stream.s);  // synchronises the stream
@@ -68,6 +66,7 @@ TROPD_INSTANTIATE_DIVERGENCE(tropd::estimators::reverse_kl, float, float)
 TROPD_INSTANTIATE_DIVERGENCE(tropd::estimators::reverse_kl, tropd::bf16, float)
 TROPD_INSTANTIATE_DIVERGENCE(tropd::estimators::reverse_kl, tropd::fp16, float)
 TROPD_INSTANTIATE_DIVERGENCE(tropd::estimators::reverse_kl, float, double)
+TROPD_INSTANTIATE_DIVERGENCE(tropd::estimators::reverse_kl, double, double)
 TROPD_INSTANTIATE_DIVERGENCE(tropd::estimators::forward_kl, float, float)
 TROPD_INSTANTIATE_DIVERGENCE(tropd::estimators::forward_kl, tropd::bf16, float)
 TROPD_INSTANTIATE_DIVERGENCE(tropd::estimators::jsd, float, float)

@@ -27,7 +27,7 @@
 
 #include <tropd/tropd.hpp>
 
-#include "gpu/rows_device.hpp"
+#include "gpu/runs.hpp"
 
 namespace {
 
@@ -343,21 +343,43 @@ TEST_CASE("gpu divergence_rows: argument errors are returned, data errors land i
     std::vector<float> grad;
     std::vector<te::row_summary> sums;
 
-    // The first bad (row, column): row 2, teacher column 700 (before the student's column 900).
+    // The first bad (row, column) in the host's order: row 2, where the student's NaN at column
+    // 900 comes before the teacher's +inf at column 700 (the same 1024-column chunk: the host
+    // reads the student's chunk first).
     zs[4 * 1000 + 10] = std::numeric_limits<float>::quiet_NaN();
     zt[2 * 1000 + 700] = std::numeric_limits<float>::infinity();
     zs[2 * 1000 + 900] = std::numeric_limits<float>::quiet_NaN();
     tg::run_status rs = tg::gpu_divergence(te::reverse_kl{}, c, zs, zt, loss, grad, sums);
     REQUIRE_HARNESS(rs);
     REQUIRE(rs.call.ok());
+    {
+      std::vector<double> lh(size_t(c.rows));
+      const tropd::status hs = tropd::host::divergence_rows(te::reverse_kl{}, tropd::make_matrix<const float>(zs.data(), c.rows, c.V),
+                                                            tropd::make_matrix<const float>(zt.data(), c.rows, c.V), tropd::view_of(lh));
+      CHECK(rs.device.code == hs.code);
+      CHECK(rs.device.row == hs.row);
+      CHECK(rs.device.col == hs.col);
+    }
     CHECK(rs.device.code == tropd::errc::non_finite_input);
     CHECK(rs.device.row == 2);
-    CHECK(rs.device.col == 700);
-    CHECK(std::string(rs.device.detail).find("teacher") != std::string::npos);
+    CHECK(rs.device.col == 900);
+    CHECK(std::string(rs.device.detail).find("student") != std::string::npos);
     CHECK(std::isnan(loss[2]));
     CHECK(std::isnan(loss[4]));
     for (index_t r : {0, 1, 3, 5}) CHECK(std::isfinite(loss[static_cast<size_t>(r)]));
     CHECK(std::isnan(grad[2 * 1000 + 5]));
+
+    // R1: a finite logit that leaves fp32 once divided by the temperature is unsupported.
+    zs = random_logits<float>(rng, c.rows, c.V, c.V, 2.0);
+    zt = random_logits<float>(rng, c.rows, c.V, c.V, 2.0);
+    zs[static_cast<size_t>(1 * c.V + 333)] = 3.0e38f;
+    c.ts = 0.5;
+    rs = tg::gpu_divergence(te::forward_kl{}, c, zs, zt, loss, grad, sums);
+    REQUIRE_HARNESS(rs);
+    CHECK(rs.device.code == tropd::errc::unsupported);
+    CHECK(rs.device.row == 1);
+    CHECK(rs.device.col == 333);
+    c.ts = 1;
 
     // A student row without a finite entry.
     zs = random_logits<float>(rng, c.rows, c.V, c.V, 2.0);
@@ -601,7 +623,7 @@ void check_topk(tg::row_case c, index_t K, te::topk_tail tail, std::mt19937_64& 
   tropd::host::row_options ho;
   ho.student_temperature = c.ts;
   const tropd::host::topk_lists lists{tropd::make_matrix<const int32_t>(ids.data(), c.rows, K),
-                                      tropd::make_matrix<const float>(lp.data(), c.rows, K)};
+                                      tropd::values_matrix(tropd::make_matrix<const float>(lp.data(), c.rows, K))};
   const tropd::status hs = tropd::host::topk_forward_kl_rows(
       est, tropd::make_matrix<const T>(zs.data(), c.rows, c.V, c.ss()), lists, tropd::view_of(loss_h),
       c.with_grad ? tropd::make_matrix<float>(grad_h.data(), c.rows, c.V) : tropd::matrix_view<float>{}, ho,
@@ -684,279 +706,46 @@ TEST_CASE("gpu topk_forward_kl_rows: bad lists land in the status word") {
   CHECK(std::isfinite(loss[1]));
 }
 
-// ---------------------------------------------------------------------------
-// Token level: evaluate_token per token, region decisions
-// ---------------------------------------------------------------------------
 
-namespace {
-
-/// A random batch of n_seq sequences: prompt tokens, sometimes a teacher prefix, then student
-/// tokens; log-probs <= 0; top-k arrays of width K with padding in some rows.
-tg::token_data make_batch(std::mt19937_64& rng, index_t n_seq, index_t K, bool with_seq_ids) {
-  tg::token_data b;
-  std::uniform_int_distribution<int> len(0, 40), plen(0, 6), tlen(0, 8);
-  std::uniform_real_distribution<double> u01(0.0, 1.0);
-  std::normal_distribution<double> nd(0.0, 1.0);
-  b.seq_offsets.push_back(0);
-  for (index_t j = 0; j < n_seq; ++j) {
-    const int np = plen(rng), nt = (j % 3 == 0) ? tlen(rng) : 0, ns = (j % 7 == 3) ? 0 : len(rng);
-    for (int i = 0; i < np + nt + ns; ++i) {
-      const tropd::origin o = i < np ? tropd::origin::prompt : (i < np + nt ? tropd::origin::teacher : tropd::origin::student);
-      const double s = -6.0 * u01(rng) - 1e-3;
-      b.from.push_back(o);
-      b.s.push_back(static_cast<float>(s));
-      b.s_old.push_back(static_cast<float>(std::min(s + 0.2 * nd(rng), -1e-4)));
-      b.t.push_back(static_cast<float>(std::min(s + 2.0 * nd(rng) - 0.5, -1e-4)));
-      b.ent_s.push_back(static_cast<float>(3.0 * u01(rng)));
-      b.ent_t.push_back(static_cast<float>(3.0 * u01(rng)));
-      b.rkl.push_back(static_cast<float>(2.0 * u01(rng)));
-      b.ref.push_back(static_cast<float>(-6.0 * u01(rng)));
-    }
-    b.seq_offsets.push_back(static_cast<index_t>(b.s.size()));
-    if (with_seq_ids) b.seq_ids.push_back((uint64_t(1) << 33) + uint64_t(j) * 1000003u);  // above 2^32: folded into the stream word
-  }
-  const index_t n = b.n();
-  b.K = K;
-  std::uniform_int_distribution<int32_t> id(0, 50000);
-  for (index_t i = 0; i < n; ++i) {
-    // Teacher: K log-probs of a distribution over K + 4 outcomes (mass < 1); student likewise.
-    std::vector<double> zt(static_cast<size_t>(K + 4)), zs(static_cast<size_t>(K + 4));
-    for (auto& x : zt) x = 2.0 * nd(rng);
-    for (auto& x : zs) x = 2.0 * nd(rng);
-    auto lse = [](const std::vector<double>& z) {
-      const double m = *std::max_element(z.begin(), z.end());
-      double s = 0;
-      for (double x : z) s += std::exp(x - m);
-      return m + std::log(s);
-    };
-    const double lt = lse(zt), ls = lse(zs);
-    const index_t pad = (i % 4 == 1) ? std::min<index_t>(3, K - 1) : 0;
-    std::vector<int32_t> used;
-    for (index_t k = 0; k < K; ++k) {
-      int32_t v;
-      do v = id(rng); while (std::find(used.begin(), used.end(), v) != used.end());
-      used.push_back(v);
-      b.topk_ids.push_back(v);
-      b.topk_teacher.push_back(k >= K - pad ? -std::numeric_limits<float>::infinity() : static_cast<float>(zt[static_cast<size_t>(k)] - lt));
-      b.topk_student.push_back(static_cast<float>(zs[static_cast<size_t>(k)] - ls));
-      b.topk_student_old.push_back(static_cast<float>(zs[static_cast<size_t>(k)] - ls + 0.1 * nd(rng)));
-    }
-  }
-  return b;
-}
-
-tropd::host::token_batch host_view(const tg::token_data& b) {
-  tropd::host::token_batch h;
-  const index_t n = b.n();
-  auto v = [](const auto& x) { return tropd::vector_view<const std::remove_cvref_t<decltype(x[0])>>{x.data(), index_t(x.size())}; };
-  h.s = v(b.s);
-  h.s_old = v(b.s_old);
-  h.t = v(b.t);
-  h.from = v(b.from);
-  h.seq_offsets = v(b.seq_offsets);
-  h.seq_ids = v(b.seq_ids);
-  h.student_entropy = v(b.ent_s);
-  h.teacher_entropy = v(b.ent_t);
-  h.rkl = v(b.rkl);
-  h.ref = v(b.ref);
-  if (b.K > 0) {
-    h.topk_ids = tropd::make_matrix<const int32_t>(b.topk_ids.data(), n, b.K);
-    h.topk_teacher = tropd::make_matrix<const float>(b.topk_teacher.data(), n, b.K);
-    h.topk_student = tropd::make_matrix<const float>(b.topk_student.data(), n, b.K);
-    if (!b.topk_student_old.empty()) h.topk_student_old = tropd::make_matrix<const float>(b.topk_student_old.data(), n, b.K);
-  }
-  return h;
-}
-
-bool same(double got, double ref) {
-  if (std::isnan(ref)) return std::isnan(got);
-  if (got == ref) return true;
-  return std::fabs(got - ref) <= 1e-12 * std::max(1.0, std::fabs(ref));
-}
-
-template <class Obj>
-void check_tokens(const Obj& obj, const tg::token_data& b, std::mt19937_64& rng, const char* name_c) {
-  const std::string name = name_c;
-  CAPTURE(name);
-  const index_t n = b.n();
-  std::bernoulli_distribution coin(0.6);
-  std::vector<uint8_t> trusted(static_cast<size_t>(n));
-  for (auto& x : trusted) x = coin(rng) ? 1 : 0;
-  tropd::host::applied ref;
-  const tropd::status hs = tropd::host::apply(obj, host_view(b), trusted, ref);
-  REQUIRE_MESSAGE(hs.ok(), hs.message());
-  tg::token_outputs out;
-  const tg::run_status rs = tg::gpu_tokens(obj, b, trusted, out);
-  REQUIRE_HARNESS(rs);
-  REQUIRE_MESSAGE(rs.call.ok(), rs.call.message());
-  REQUIRE_MESSAGE(rs.device.ok(), rs.device.message());
-  index_t bad = 0, first_bad = -1;
-  for (index_t i = 0; i < n; ++i) {
-    const tropd::token_result& h = ref.tok[static_cast<size_t>(i)];
-    const size_t k = static_cast<size_t>(i);
-    bool ok = same(out.loss[k], h.loss) && same(out.dloss_ds[k], h.dloss_ds) && same(out.advantage[k], h.advantage) &&
-              same(out.loss_trust[k], h.loss_trust) && same(out.loss_outlier[k], h.loss_outlier) &&
-              same(out.loss_guidance[k], h.loss_guidance) && same(out.teacher_mass[k], h.teacher_mass) &&
-              same(out.student_mass[k], h.student_mass) && out.flags[k] == h.flags;
-    for (index_t j = 0; j < b.K; ++j)
-      ok = ok && same(out.g_topk[static_cast<size_t>(i * b.K + j)], ref.g_topk[static_cast<size_t>(i * b.K + j)]);
-    if (!ok) {
-      ++bad;
-      if (first_bad < 0) first_bad = i;
-    }
-  }
-  CHECK_MESSAGE(bad == 0, bad, " tokens differ from host::apply, the first at ", first_bad);
-}
-
-}  // namespace
-
-TEST_CASE("gpu evaluate_tokens (evaluate_token per token) matches host::apply for every preset") {
-  std::mt19937_64 rng(2606);
-  const tg::token_data b = make_batch(rng, 120, 16, true);
-  REQUIRE(b.n() > 500);
-  namespace tp = tropd::presets;
-  check_tokens(tp::opd(), b, rng, "opd");
-  tropd::clippers::pg_clip clip;
-  clip.eps_low = 0.2;
-  clip.eps_high = 0.28;
-  clip.dual_c = 3.0;
-  check_tokens(tp::opd({.clip = clip}), b, rng, "opd with PPO and dual clip");
-  check_tokens(tp::eopd(), b, rng, "eopd");
-  check_tokens(tp::reopold({.floor = -2.0, .switch_step = 100}), b, rng, "reopold");
-  check_tokens(tp::entropy_opd(), b, rng, "entropy_opd");
-  check_tokens(tp::clip_outlier({.tau = -2.5, .guidance_beta = 1e-3}), b, rng, "clip_outlier");
-  check_tokens(tp::mask_outlier({.tau = -2.5, .guidance_beta = 1e-3}), b, rng, "mask_outlier");
-  check_tokens(tp::tropd(), b, rng, "tropd (form C)");
-  check_tokens(tp::tropd({.beta = 1e-3, .k = 64, .form = tropd::outliers::fkl_form::c, .clamp = 0.5}), b, rng, "tropd (form C, clamp)");
-  check_tokens(tp::tropd({.beta = 1e-3, .k = 64, .form = tropd::outliers::fkl_form::p}), b, rng, "tropd (form P)");
-  auto tail = tp::fkl_outlier({.k = 64, .form = tropd::outliers::fkl_form::p});
-  tail.outlier.fkl.tail = tropd::estimators::topk_tail::tail_bucket;
-  tail.guidance = tropd::guidance_form::pg;
-  tail.guidance_beta = 0.01;
-  check_tokens(tail, b, rng, "fkl outlier (form P, tail bucket, PG guidance)");
-  tg::k1_jsd_objective k1_jsd;
-  k1_jsd.guidance_beta = 0.002;
-  check_tokens(k1_jsd, b, rng, "k1 reward with a dense JSD term and guidance");
-  check_tokens(tp::gkd({.beta = 0.4}), b, rng, "gkd");
-  check_tokens(tp::vopd(), b, rng, "vopd");
-  check_tokens(tp::gopd({.lambda = 1.25}), b, rng, "gopd");
-  check_tokens(tg::k3_loss_objective{}, b, rng, "k3 as a loss");
-  tg::proximal_objective prox;
-  prox.trust.alpha = 0.3;
-  prox.trust.scale = 0.7;
-  prox.outlier.tau = -3.0;
-  check_tokens(prox, b, rng, "proximal reward");
-}
-
-TEST_CASE("gpu evaluate_tokens: a failing token lands in the status word") {
-  std::mt19937_64 rng(4);
-  tg::token_data b = make_batch(rng, 20, 4, false);
-  index_t victim = -1;
-  for (index_t i = 0; i < b.n(); ++i)
-    if (b.from[static_cast<size_t>(i)] == tropd::origin::student && i > 30) { victim = i; break; }
-  REQUIRE(victim >= 0);
-  b.t[static_cast<size_t>(victim)] = -std::numeric_limits<float>::infinity();  // trusted token with zero teacher mass
-  std::vector<uint8_t> trusted(static_cast<size_t>(b.n()), 1);
-  tropd::host::applied ref;
-  const tropd::status hs = tropd::host::apply(tropd::presets::opd(), host_view(b), trusted, ref);
-  CHECK(hs.code == tropd::errc::infinite_divergence);
-  CHECK(hs.row == victim);
-  tg::token_outputs out;
-  const tg::run_status rs = tg::gpu_tokens(tropd::presets::opd(), b, trusted, out);
-  REQUIRE_HARNESS(rs);
-  REQUIRE(rs.call.ok());
-  CHECK(rs.device.code == tropd::errc::infinite_divergence);
-  CHECK(rs.device.row == victim);
-  CHECK(std::isnan(out.loss[static_cast<size_t>(victim)]));
-}
-
-namespace {
-
-/// The host's decisions and the device's for the region of `obj`, with the batch context
-/// prepared on the host exactly as host::decide prepares it.
-template <class Obj>
-void check_decide(const Obj& obj, const tg::token_data& b, uint64_t seed, uint64_t step, const char* name_c) {
-  const std::string name = name_c;
-  CAPTURE(name);
-  const tropd::host::token_batch hb = host_view(b);
-  tropd::host::eval_options opt;
-  opt.seed = seed;
-  opt.step = step;
-  std::vector<uint8_t> host_trusted;
-  const tropd::status hs = tropd::host::decide(obj, hb, opt, host_trusted);
-  REQUIRE_MESSAGE(hs.ok(), hs.message());
-  // The batch context: what host::decide computes before its per-token loop.
-  const index_t n = b.n();
-  const std::vector<index_t> seq = tropd::host::detail::token_sequences(hb.seq_offsets, n);
-  std::vector<double> R, hsv, htv;
-  std::vector<index_t> sidx;
-  for (index_t i = 0; i < n; ++i) {
-    if (b.from[static_cast<size_t>(i)] != tropd::origin::student) continue;
-    R.push_back(double(b.t[static_cast<size_t>(i)]) - double(b.s_old[static_cast<size_t>(i)]));
-    hsv.push_back(b.ent_s[static_cast<size_t>(i)]);
-    htv.push_back(b.ent_t[static_cast<size_t>(i)]);
-    sidx.push_back(seq[static_cast<size_t>(i)]);
-  }
-  tropd::regions::batch_context ctx{seed, step, 0, nullptr};
-  tropd::regions::batch_storage storage;
-  const tropd::regions::batch_tokens bt{R.data(), hsv.data(), htv.data(), sidx.data(), index_t(R.size()),
-                                        index_t(b.seq_offsets.size()) - 1};
-  if constexpr (requires { obj.region.prepare(bt, ctx, storage); }) REQUIRE(obj.region.prepare(bt, ctx, storage).ok());
-  std::vector<uint8_t> dev;
-  const tg::run_status rs = tg::gpu_decide(obj.region, b, ctx, storage.seq_masked, dev);
-  REQUIRE_HARNESS(rs);
-  REQUIRE_MESSAGE(rs.call.ok(), rs.call.message());
-  REQUIRE_MESSAGE(rs.device.ok(), rs.device.message());
-  index_t diff = 0, n_trusted = 0, n_student = 0;
-  for (index_t i = 0; i < n; ++i) {
-    diff += dev[static_cast<size_t>(i)] != host_trusted[static_cast<size_t>(i)];
-    n_trusted += host_trusted[static_cast<size_t>(i)];
-    n_student += b.from[static_cast<size_t>(i)] == tropd::origin::student;
-  }
-  CHECK_MESSAGE(diff == 0, diff, " decisions differ");
-  MESSAGE(name, ": ", n_trusted, " of ", n_student, " student tokens trusted");
-}
-
-}  // namespace
-
-TEST_CASE("gpu decide_stochastic: the same trust decisions as the host (Philox keyed by seed, step, seq_id, position)") {
-  std::mt19937_64 rng(1249);
-  for (bool ids : {false, true}) {
-    const tg::token_data b = make_batch(rng, 1500, 0, ids);
-    for (uint64_t step : {uint64_t(0), uint64_t(17), (uint64_t(1) << 35) + 3}) {
-      CAPTURE(ids);
-      CAPTURE(step);
-      const uint64_t seed = 0x5eed0000u + step;
-      check_decide(tropd::presets::tropd(), b, seed, step, "stochastic_acceptance via decide");
-      // The named entry point.
-      const tropd::host::token_batch hb = host_view(b);
-      tropd::host::eval_options opt;
-      opt.seed = seed;
-      opt.step = step;
-      std::vector<uint8_t> host_trusted, dev;
-      REQUIRE(tropd::host::decide(tropd::presets::tropd(), hb, opt, host_trusted).ok());
-      const tg::run_status rs = tg::gpu_decide_stochastic(b, seed, step, dev);
-      REQUIRE_HARNESS(rs);
-      REQUIRE(rs.call.ok());
-      REQUIRE(rs.device.ok());
-      CHECK(dev == host_trusted);
-    }
-  }
-}
-
-TEST_CASE("gpu decide: the other regions decide like the host") {
-  std::mt19937_64 rng(77);
-  const tg::token_data b = make_batch(rng, 300, 0, true);
-  namespace tp = tropd::presets;
-  check_decide(tp::opd(), b, 1, 2, "all_trusted");
-  check_decide(tp::mask_outlier({.tau = -1.5}), b, 1, 2, "log_ratio_threshold");
-  check_decide(tp::eopd({.tau = 1.2}), b, 1, 2, "teacher_entropy_gate");
-  check_decide(tp::entropy_opd({.fraction = 0.3}), b, 1, 2, "entropy_top_fraction");
-  check_decide(tp::reopold({.floor = -2.0, .switch_step = 10}), b, 1, 5, "phase_switch, phase I");
-  check_decide(tp::reopold({.floor = -2.0, .switch_step = 10}), b, 1, 10, "phase_switch, phase II");
-  tropd::objective<tropd::regions::sequence_ratio_bound, te::k1_reward, tropd::outliers::drop, tropd::clippers::pg_clip> trm;
-  trm.region.bound = 3.0;
-  check_decide(trm, b, 1, 2, "sequence_ratio_bound");
-  trm.region.two_sided = true;
-  check_decide(trm, b, 1, 2, "sequence_ratio_bound two-sided");
+TEST_CASE("gpu topk_forward_kl_rows with the top-k selected from teacher logits matches the host (ties, V < k, K = 1024)") {
+  std::mt19937_64 rng(65);
+  for (int split : {1, 4})
+    for (index_t V : {index_t(1), index_t(31), index_t(1000), index_t(5000)})
+      for (int k : {1, 16, 64, 1024})
+        for (te::topk_tail tail : {te::topk_tail::raw, te::topk_tail::renormalised, te::topk_tail::tail_bucket}) {
+          if (V > 1000 && k < 64) continue;
+          tg::row_case c;
+          c.rows = 7;
+          c.V = V;
+          c.blocks_per_row = split;
+          c.tt = 0.9;
+          CAPTURE(describe(c, tropd::estimators::to_string(tail)));
+          CAPTURE(k);
+          const te::topk_forward_kl est{k, tail};
+          auto check = [&](auto tag, double sd) {
+            using T = decltype(tag);
+            const auto zs = random_logits<T>(rng, c.rows, c.V, c.V, 1.5);
+            const auto zt = random_logits<T>(rng, c.rows, c.V, c.V, sd);  // bf16 at sd 0.3: many ties
+            std::vector<double> loss_h(static_cast<size_t>(c.rows));
+            std::vector<float> grad_h(static_cast<size_t>(c.rows * c.V));
+            tropd::host::row_options ho;
+            ho.teacher_temperature = c.tt;
+            const tropd::status hs = tropd::host::topk_forward_kl_rows(est, tropd::make_matrix<const T>(zs.data(), c.rows, c.V),
+                                                                       tropd::make_matrix<const T>(zt.data(), c.rows, c.V),
+                                                                       tropd::view_of(loss_h), tropd::make_matrix<float>(grad_h.data(), c.rows, c.V), ho);
+            std::vector<double> loss_d;
+            std::vector<float> grad_d;
+            const tg::run_status rs = tg::gpu_topk_selected(est, c, zs, zt, loss_d, grad_d);
+            REQUIRE_HARNESS(rs);
+            REQUIRE_MESSAGE(rs.call.ok(), rs.call.message());
+            CHECK(rs.device.code == hs.code);
+            if (!hs.ok()) return;
+            const double tol = tol_of<T>();
+            for (index_t r = 0; r < c.rows; ++r) CHECK_MESSAGE(close(loss_d[size_t(r)], loss_h[size_t(r)], tol), "row ", r);
+            check_grad(grad_d, grad_h, c, tol, "topk selected", prob_scale(zs, c));
+          };
+          check(float{}, 2.0);
+          check(tropd::bf16{}, 0.3);
+          if (V <= 1000) check(double{}, 2.0);
+        }
 }
