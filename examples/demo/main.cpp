@@ -70,7 +70,7 @@ const char* usage =
     "  --eval-every N        held-out evaluation every N steps (default 20)\n"
     "  --eval-prompts N      held-out prompts of the final evaluation (default 256)\n"
     "  --eval-samples K      T = 1 samples per held-out prompt, final evaluation (default 4)\n"
-    "  --curve-prompts N, --curve-samples K   the same for the evaluations during training (default 128, 2)\n"
+    "  --curve-prompts N, --curve-samples K   the same for the evaluations during training (default 64, 2)\n"
     "  --tau X               static log-ratio threshold of mask / clip outlier (default -5)\n"
     "  --reopold-floor X     REOPOLD's reward floor (default -5)\n"
     "  --beta X              off-policy guidance weight (default 1e-3, TrOPD's)\n"
