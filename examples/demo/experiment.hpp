@@ -47,7 +47,7 @@ struct options {
   int window = 0;            ///< 0: the task's natural window (4 digits + 1)
   double harmless = 0.5;     ///< h: the student source's rate of surface variants (separators h, carries h/2, digits h/4)
   double harmful = 0.15;     ///< e: probability that the student source drops a carry of 1
-  int prompts = 16;          ///< prompts per step
+  int prompts = 8;           ///< prompts per step
   int rollouts = 4;          ///< on-policy continuations per prompt
   double lr = 0;             ///< > 0: every method uses this Adam learning rate; 0: each method its tuned one
   std::vector<double> lr_grid;  ///< non-empty: tuning mode (every method at every learning rate)
@@ -90,12 +90,12 @@ inline const std::vector<std::string>& extra_methods() {
 inline double tuned_lr(const std::string& m) {
   if (m == "opd") return 3e-3;
   if (m == "eopd") return 3e-3;
-  if (m == "reopold") return 3e-3;
+  if (m == "reopold") return 1e-3;
   if (m == "tropd") return 1e-3;
-  if (m == "fkl_outlier") return 3e-3;
+  if (m == "fkl_outlier") return 1e-3;
   if (m == "mask_outlier") return 1e-3;
-  if (m == "clip_outlier") return 1e-2;
-  if (m == "topk_fkl") return 1e-2;
+  if (m == "clip_outlier") return 1e-3;
+  if (m == "topk_fkl") return 3e-3;
   if (m == "opd_prefix") return 3e-3;
   throw std::runtime_error("no tuned learning rate for " + m);
 }
