@@ -138,6 +138,9 @@ struct eval_result {
   double variant_fraction = 0; ///< fraction of sampled tokens that are variants (any R)
   double error_fraction = 0;   ///< fraction of sampled tokens that are errors (any R)
   double median_R_harmless = NAN, median_R_harmful = NAN;  ///< median R over the R < -5 tokens of each kind
+  /// median over the same tokens of FKL_64 (renormalised teacher top-64 forward KL at that
+  /// position): minus TrOPD's form-C advantage there, where OPD's is R
+  double median_fkl_harmless = NAN, median_fkl_harmful = NAN;
   double tokens = 0;           ///< response tokens counted
 };
 
@@ -165,7 +168,7 @@ inline eval_result evaluate(mlp_lm& model, mlp_lm& teacher, const shared_setup& 
   const int np = std::min<int>(n_prompts, int(S.eval_set.size()));
   const tropd::index_t V = model.vocab_size();
   eval_result r;
-  std::vector<double> R_harmless, R_harmful;
+  std::vector<double> R_harmless, R_harmful, F_harmless, F_harmful;
   // Sequences in chunks, so that the logits never hold more than a few thousand rows.
   constexpr int chunk_seqs = 64;
   std::vector<int32_t> tokens;
@@ -181,7 +184,8 @@ inline eval_result evaluate(mlp_lm& model, mlp_lm& teacher, const shared_setup& 
     zt.resize(n, V);
     tropd::throw_if_error(model.logits(b, tropd::make_matrix(zs.data(), n, V)));
     tropd::throw_if_error(teacher.logits(b, tropd::make_matrix(zt.data(), n, V)));
-    std::vector<tropd::index_t> rows;
+    std::vector<tropd::index_t> rows, out_rows;
+    std::vector<token_kind> out_kind;
     for (size_t s = 0; s < seq_prompt.size(); ++s) {
       const tropd::index_t begin = offsets[s] + tropd::index_t(seq_prompt_len[s]), end = offsets[s + 1];
       const problem& p = S.eval_set[size_t(seq_prompt[s])];
@@ -194,10 +198,30 @@ inline eval_result evaluate(mlp_lm& model, mlp_lm& teacher, const shared_setup& 
         r.variant_fraction += kind == token_kind::variant ? 1 : 0;
         r.error_fraction += kind == token_kind::error ? 1 : 0;
         if (R < -5.0) {
+          out_rows.push_back(i);
+          out_kind.push_back(kind);
           r.r_lt5 += 1;
           if (kind == token_kind::variant) { r.r_lt5_harmless += 1; R_harmless.push_back(R); }
           if (kind == token_kind::error) { r.r_lt5_harmful += 1; R_harmful.push_back(R); }
         }
+      }
+    }
+    if (!out_rows.empty()) {  // FKL_64 at the R < -5 positions (form C's advantage is its negative)
+      const tropd::index_t mo = static_cast<tropd::index_t>(out_rows.size());
+      ps.resize(mo, V);
+      pt.resize(mo, V);
+      for (tropd::index_t q = 0; q < mo; ++q) {
+        ps.row(q) = zs.row(out_rows[size_t(q)]);
+        pt.row(q) = zt.row(out_rows[size_t(q)]);
+      }
+      std::vector<double> fkl(static_cast<size_t>(mo));
+      tropd::throw_if_error(tropd::host::topk_forward_kl_rows(
+          tropd::estimators::topk_forward_kl{64, tropd::estimators::topk_tail::renormalised},
+          tropd::make_matrix<const float>(ps.data(), mo, V), tropd::make_matrix<const float>(pt.data(), mo, V),
+          tropd::view_of(fkl)));
+      for (tropd::index_t q = 0; q < mo; ++q) {
+        if (out_kind[size_t(q)] == token_kind::variant) F_harmless.push_back(fkl[size_t(q)]);
+        if (out_kind[size_t(q)] == token_kind::error) F_harmful.push_back(fkl[size_t(q)]);
       }
     }
     const tropd::index_t m = static_cast<tropd::index_t>(rows.size());
@@ -251,6 +275,8 @@ inline eval_result evaluate(mlp_lm& model, mlp_lm& teacher, const shared_setup& 
   r.error_fraction /= m;
   r.median_R_harmless = median(R_harmless);
   r.median_R_harmful = median(R_harmful);
+  r.median_fkl_harmless = median(F_harmless);
+  r.median_fkl_harmful = median(F_harmful);
   return r;
 }
 

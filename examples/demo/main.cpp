@@ -413,6 +413,8 @@ int run(int argc, char** argv) {
   setup << "    median R of those: harmless " << fixed(se.median_R_harmless, 1) << ", harmful " << fixed(se.median_R_harmful, 1)
         << "; all variants " << fixed(100 * se.variant_fraction, 1) << "%, all errors " << fixed(100 * se.error_fraction, 1)
         << "% of student tokens\n";
+  setup << "    advantage on those tokens: OPD's R (median above); TrOPD's form C -FKL_64, median harmless "
+        << fixed(-se.median_fkl_harmless, 2) << ", harmful " << fixed(-se.median_fkl_harmful, 2) << "\n";
   setup << "    mean TV " << fixed(se.tv, 3) << "; reverse KL " << fixed(se.reverse_kl, 3) << " nats/token\n";
   setup << "  teacher samples: " << fixed(100 * te.variant_fraction, 2) << "% variants, " << fixed(100 * te.error_fraction, 2)
         << "% errors among their tokens\n";

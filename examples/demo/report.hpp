@@ -273,12 +273,12 @@ inline std::string write_plot(const std::string& out, const std::vector<std::str
       }
       return p;
     };
-    f << "set title 'held-out pass@1 (sampled, T = 1)'\nset ylabel 'pass@1'\nset key bottom right\n";
+    f << "set title 'held-out pass@1 (sampled, T = 1)'\nset ylabel 'pass@1'\nset yrange [0:1.02]\nset key bottom right\n";
     f << series(eval_dat, "1:2", "linespoints pt 7 ps 0.6") << ", \\\n     " << teacher_acc
       << " with lines dt 2 lc rgb 'black' title 'teacher'\n";
     f << "set title 'held-out pass@1 (greedy)'\n";
     f << series(eval_dat, "1:5", "linespoints pt 7 ps 0.6") << "\n";
-    f << "set title 'held-out reverse KL(student || teacher) per token'\nset ylabel 'nats'\nset logscale y\nset key top right\n";
+    f << "set title 'held-out reverse KL(student || teacher) per token'\nset ylabel 'nats'\nset autoscale y\nset logscale y\nset key top right\n";
     f << series(eval_dat, "1:4", "linespoints pt 7 ps 0.6") << "\n";
     f << "set title 'held-out mean TV(student, teacher) per token'\nset ylabel 'TV'\n";
     f << series(eval_dat, "1:8", "linespoints pt 7 ps 0.6") << "\nunset logscale y\n";
