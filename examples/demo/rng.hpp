@@ -12,6 +12,8 @@
 #include <initializer_list>
 #include <vector>
 
+#include <Eigen/Core>
+
 namespace demo {
 
 /// SplitMix64's finaliser: a bijective 64-bit mixer.
@@ -32,7 +34,7 @@ inline uint64_t seed_of(std::initializer_list<uint64_t> parts) {
 /// Tags that keep the demo's random streams apart.
 namespace tag {
 inline constexpr uint64_t eval_set = 1, teacher_init = 2, student_init = 3, teacher_sft = 4, student_sft = 5,
-                          pool = 6, teacher_responses = 7, prompts = 8, run = 9, eval_sampling = 10;
+                          pool = 6, teacher_responses = 7, prompts = 8, run = 9, eval_sampling = 10, gradcheck = 11;
 }
 
 /// SplitMix64 generator.
@@ -62,27 +64,25 @@ class rng {
 };
 
 /// Samples an index from unnormalised log-weights z (temperature > 0), or the argmax
-/// (temperature <= 0; ties: lowest index). u is uniform in [0, 1).
-inline int sample_logits(const float* z, int n, double temperature, double u) {
+/// (temperature <= 0; ties: lowest index). u is uniform in [0, 1); scratch is reused. The
+/// weights exp((z - max z) / T) are computed in float with Eigen's vectorised exp and summed
+/// in double. The scratch is an Eigen array (aligned storage): Eigen evaluates the elements
+/// before the first aligned address with the scalar exp, so an unaligned buffer whose
+/// address changes between runs would change the rounding of a few weights.
+inline int sample_logits(const float* z, int n, double temperature, double u, Eigen::ArrayXf& scratch) {
   int best = 0;
   for (int i = 1; i < n; ++i)
     if (z[i] > z[best]) best = i;
   if (temperature <= 0) return best;
-  double w[64];
-  std::vector<double> big;
-  double* p = w;
-  if (n > 64) {
-    big.resize(static_cast<size_t>(n));
-    p = big.data();
-  }
+  scratch.resize(n);
+  Eigen::Map<const Eigen::ArrayXf> zv(z, n);
+  Eigen::ArrayXf& p = scratch;
+  p = ((zv - z[best]) * float(1.0 / temperature)).exp();
   double total = 0;
-  for (int i = 0; i < n; ++i) {
-    p[i] = std::exp((double(z[i]) - double(z[best])) / temperature);
-    total += p[i];
-  }
+  for (int i = 0; i < n; ++i) total += double(p[i]);
   double acc = 0, target = u * total;
   for (int i = 0; i < n; ++i) {
-    acc += p[i];
+    acc += double(p[i]);
     if (target < acc) return i;
   }
   return n - 1;
