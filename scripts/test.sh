@@ -21,7 +21,7 @@
 #            (TROPD_FUZZ_IGNORE_KNOWN=1): the corpus replay in tropd-tests covers them.
 #   python   the Python package: installs what it needs once (torch from PyPI, a large
 #            download the first time; numpy, pytest, nanobind, scikit-build-core; quiet when
-#            present), `pip install --no-build-isolation .` (the extension is built in
+#            present; the download starts in the background when the run starts), `pip install --no-build-isolation .` (the extension is built in
 #            build/python/<wheel tag>, kept between runs, so a rerun rebuilds only what
 #            changed), then pytest python/tests (each test counts in the summary; CUDA tests
 #            are skipped without a GPU). When nvcc is found it also compiles the extension's
@@ -259,13 +259,31 @@ python_deps() { # python
   "$py" -m pip install -q "${missing[@]}"
 }
 
+# The download of the Python dependencies (torch: a few GB on a fresh machine) runs in the
+# background from the start of the run, while the C++ stages compile; stage_python waits for it.
+python_deps_pid=
+python_deps_log=$LOG_DIR/python-deps.log
+start_python_deps() {
+  local py=${TROPD_PYTHON:-python3}
+  command -v "$py" >/dev/null 2>&1 || return 0
+  python_deps "$py" >"$python_deps_log" 2>&1 &
+  python_deps_pid=$!
+}
+
 stage_python() {
   local py=${TROPD_PYTHON:-python3}
   if ! command -v "$py" >/dev/null 2>&1; then
     note_failure "python: interpreter '$py' not found"
     return
   fi
-  if ! python_deps "$py"; then
+  local deps_ok=1
+  if [[ -n $python_deps_pid ]]; then
+    wait "$python_deps_pid" || deps_ok=0
+    cat "$python_deps_log"
+  else
+    python_deps "$py" || deps_ok=0
+  fi
+  if [[ $deps_ok -ne 1 ]]; then
     note_failure "python: installing the Python dependencies"
     return
   fi
@@ -334,6 +352,8 @@ if ! bash scripts/setup.sh; then
   echo "${total_passed} passed, ${total_failed} failed"
   exit 1
 fi
+
+[[ " $STAGES " == *" python "* ]] && start_python_deps
 
 for stage in $STAGES; do
   if ! declare -F "stage_$stage" >/dev/null; then

@@ -20,7 +20,7 @@
 
 #include <tropd/gpu/detail/row_rules.hpp>
 #include <tropd/gpu/detail/sort_rules.hpp>
-#include <tropd/gpu/detail/stage_rules.hpp>
+#include <tropd/objective/stage_rules.hpp>
 #include <tropd/gpu/plan.hpp>
 #include <tropd/host/topk_select.hpp>
 #include <tropd/tropd.hpp>
@@ -29,6 +29,7 @@ namespace {
 
 using tropd::index_t;
 namespace gd = tropd::gpu::detail;
+namespace sr = tropd::stage_rules;
 namespace gp = tropd::gpu;
 namespace te = tropd::estimators;
 namespace hd = tropd::host::detail;
@@ -720,7 +721,7 @@ emu_out emu_tokens(const Obj& obj, const tropd::token_batch& b, uint64_t seed, u
       for (index_t i = 0; i < n; ++i) keys.push_back(from[size_t(i)] == tropd::origin::student ? be.student_entropy[i] : -dinf);
       const index_t ns = index_t(std::count(from.begin(), from.end(), tropd::origin::student));
       std::sort(keys.begin(), keys.end(), std::greater<double>());
-      const index_t k = gd::top_fraction_rank(region.fraction, ns);
+      const index_t k = tropd::regions::entropy_top_fraction::threshold_rank(region.fraction, ns);
       ctx.threshold = k < 0 ? dinf : keys[size_t(k)];
     } else if constexpr (std::is_same_v<RR, tropd::regions::sequence_ratio_bound>) {
       for (index_t i = 0; i < n; ++i) {
@@ -737,7 +738,7 @@ emu_out emu_tokens(const Obj& obj, const tropd::token_batch& b, uint64_t seed, u
   prepare(obj.region, prepare);
   (void)sizeof(R);
   // 3. apply
-  std::vector<gd::token_record> rec(static_cast<size_t>(n));
+  std::vector<sr::token_record> rec(static_cast<size_t>(n));
   std::vector<double> g(size_t(n * Ka), 0.0);
   for (index_t i = 0; i < n; ++i) {
     const tropd::token tk = tropd::rules::make_token(be, i, seq[size_t(i)]);
@@ -747,31 +748,31 @@ emu_out emu_tokens(const Obj& obj, const tropd::token_batch& b, uint64_t seed, u
     if (!r.st.ok() && o.st.ok()) o.st = tropd::make_error(r.st.code, r.st.detail, i, r.st.col);
     if (gi && !r.topk_grad)
       for (index_t k = 0; k < Ka; ++k) gi[k] = 0;
-    rec[size_t(i)] = gd::make_record(r, trusted);
+    rec[size_t(i)] = sr::make_record(r, trusted);
   }
   if (!o.st.ok()) return o;
   // 4. aggregate
   const auto& agg = obj.agg;
   double count = 0;
   std::vector<double> per(size_t(n_seq), 0.0);
-  if (gd::sequence_mode(agg.how)) {
+  if (sr::sequence_mode(agg.how)) {
     for (index_t j = 0; j < n_seq; ++j) {
       double c = 0;
-      for (index_t i = b.seq_offsets[j]; i < b.seq_offsets[j + 1]; ++i) c += gd::is_counted(rec[size_t(i)].flags) ? 1.0 : 0.0;
-      per[size_t(j)] = gd::sequence_factor(agg, c);
+      for (index_t i = b.seq_offsets[j]; i < b.seq_offsets[j + 1]; ++i) c += sr::is_counted(rec[size_t(i)].flags) ? 1.0 : 0.0;
+      per[size_t(j)] = sr::sequence_factor(agg, c);
       count += c > 0 ? 1.0 : 0.0;
     }
   } else {
-    for (index_t i = 0; i < n; ++i) count += gd::token_count(agg, rec[size_t(i)].flags);
+    for (index_t i = 0; i < n; ++i) count += sr::token_count(agg, rec[size_t(i)].flags);
   }
-  const double norm = gd::normaliser_of(agg, count);
+  const double norm = sr::normaliser_of(agg, count);
   std::vector<double> w(static_cast<size_t>(n));
   for (index_t i = 0; i < n; ++i)
-    w[size_t(i)] = gd::token_weight(rec[size_t(i)].flags, gd::sequence_mode(agg.how) ? per[size_t(seq[size_t(i)])] : 1.0, norm);
+    w[size_t(i)] = sr::token_weight(rec[size_t(i)].flags, sr::sequence_mode(agg.how) ? per[size_t(seq[size_t(i)])] : 1.0, norm);
   // 5. diagnostics (blocks of 256 tokens, merged in block order)
-  gd::diag_partial total;
+  sr::diag_partial total;
   for (index_t b0 = 0; b0 < n; b0 += T) {
-    gd::diag_partial p;
+    sr::diag_partial p;
     for (index_t i = b0; i < std::min(n, b0 + T); ++i) p.add(be, i, rec[size_t(i)], w[size_t(i)], 0.0, 0.0);
     total.merge(p);
   }
@@ -782,17 +783,17 @@ emu_out emu_tokens(const Obj& obj, const tropd::token_batch& b, uint64_t seed, u
     const double* gi = Ka > 0 ? g.data() + i * Ka : nullptr;
     const tropd::values_row lq = Ka > 0 ? be.topk_teacher.row(i) : tropd::values_row{};
     const tropd::values_row ls = Ka > 0 ? be.topk_student.row(i) : tropd::values_row{};
-    if (!gd::output_fits(rec[size_t(i)], gi, lq, ls, Ka, w[size_t(i)], tropd::max_finite(tropd::scalar_type::f64)) && o.st.ok())
+    if (!sr::output_fits(rec[size_t(i)], gi, lq, ls, Ka, w[size_t(i)], tropd::max_finite(tropd::scalar_type::f64)) && o.st.ok())
       o.st = tropd::make_error(tropd::errc::infinite_divergence, "output range", i);
   }
   if (!o.st.ok()) return o;
   for (index_t i = 0; i < n; ++i) {
-    const gd::token_record& r = rec[size_t(i)];
+    const sr::token_record& r = rec[size_t(i)];
     o.dloss_ds.push_back(w[size_t(i)] * r.dloss_ds);
     o.advantage.push_back(r.advantage);
     o.flags.push_back(r.flags);
     for (index_t k = 0; k < Ka; ++k)
-      o.dloss_dtopk.push_back(w[size_t(i)] * gd::folded_topk(r, g.data() + i * Ka, be.topk_teacher.row(i), be.topk_student.row(i), k));
+      o.dloss_dtopk.push_back(w[size_t(i)] * sr::folded_topk(r, g.data() + i * Ka, be.topk_teacher.row(i), be.topk_student.row(i), k));
   }
   return o;
 }

@@ -34,7 +34,7 @@
 #include <tropd/objective.hpp>
 #include <tropd/regions/regions.hpp>
 #include <tropd/gpu/detail/row_rules.hpp>
-#include <tropd/gpu/detail/stage_rules.hpp>
+#include <tropd/objective/stage_rules.hpp>
 
 #include <cuda_runtime.h>
 
@@ -540,6 +540,7 @@ TROPD_HD void rules_block(recorder& rec) {
   rec(te::tail_estimate_usable(-1.0, 64, 1e5) ? 1 : 0);
   // The GPU backend's row rules (fp32 exponentials and logs in hardware on the device).
   namespace gd = tropd::gpu::detail;
+  namespace sr = tropd::stage_rules;
   const float z[8] = {0.5f, -1.25f, -inf<float>(), 3.0f, 2.5f, -7.0f, 0.0f, 1.0f};
   const float u[8] = {-0.5f, 2.0f, -inf<float>(), 1.0f, 0.75f, -1.0f, 4.0f, 1.0f};
   for (int m = 0; m < 2; ++m) {
@@ -568,7 +569,7 @@ TROPD_HD void rules_block(recorder& rec) {
   for (float x : {1.0f, -inf<float>(), quiet_nan<float>(), inf<float>(), 3.0e38f, -3.0e38f})
     for (float it : {1.0f, 4.0f}) rec(double(int(gd::scaled_error<float>(x, it))));
   // The token stages' per-item rules.
-  gd::diag_partial dp;
+  sr::diag_partial dp;
   for (index_t i = 0; i < 6; ++i) {
     token_result r;
     r.flags = uint8_t(i % 2 ? flags::counted | flags::kept : flags::counted);
@@ -576,17 +577,17 @@ TROPD_HD void rules_block(recorder& rec) {
     r.dloss_ds = -0.2 * double(i);
     r.teacher_mass = i == 3 ? 0.7 : 0.0;
     r.student_mass = 0.6;
-    const gd::token_record x = gd::make_record(r, i % 3 == 0);
-    const double w = gd::token_weight(x.flags, 0.5, 4.0);
+    const sr::token_record x = sr::make_record(r, i % 3 == 0);
+    const double w = sr::token_weight(x.flags, 0.5, 4.0);
     rec(w);
     dp.add(b, i, x, w, 0.0, 0.0);
-    rec(gd::output_fits(x, g, values_row{tq, scalar_type::f64}, values_row{ts, scalar_type::f64}, 3, w, 1e300) ? 1 : 0);
-    rec(gd::folded_topk(x, g, values_row{tq, scalar_type::f64}, values_row{ts, scalar_type::f64}, 1));
+    rec(sr::output_fits(x, g, values_row{tq, scalar_type::f64}, values_row{ts, scalar_type::f64}, 3, w, 1e300) ? 1 : 0);
+    rec(sr::folded_topk(x, g, values_row{tq, scalar_type::f64}, values_row{ts, scalar_type::f64}, 1));
   }
   const diagnostics d = dp.finish(6, 4.0, true, false, false, 1, false);
   rec(d.loss); rec(d.loss_trust); rec(double(d.n_student)); rec(double(d.n_trusted)); rec(d.tv_estimate); rec(d.mean_R_trusted);
   rec(d.mean_student_entropy); rec(d.mean_topk_teacher_mass);
-  rec(double(gd::top_fraction_rank(0.2, 7))); rec(double(gd::top_fraction_rank(1.0, 7))); rec(double(gd::top_fraction_rank(0.2, 0)));
+  rec(double(tropd::regions::entropy_top_fraction::threshold_rank(0.2, 7))); rec(double(tropd::regions::entropy_top_fraction::threshold_rank(1.0, 7))); rec(double(tropd::regions::entropy_top_fraction::threshold_rank(0.2, 0)));
 }
 
 // ---------------------------------------------------------------------------

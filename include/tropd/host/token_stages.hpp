@@ -11,6 +11,10 @@
 //                 sparse dL_i/d log p_S at the teacher's top-k ids
 //   4. aggregate  weights w_i from the aggregation mode; loss = sum w_i L_i; diagnostics
 //
+// What each stage does per token or per sequence (aggregation weights, diagnostics sums,
+// output bounds, the folded top-k gradient) is one TROPD_HD definition in
+// objective/stage_rules.hpp that the GPU's token kernels run too; these are the loops.
+//
 // decide / apply / aggregate_weights expect a batch that passed validate_tokens.
 // run_token_stages runs 1-4 and is what both entry points call.
 #pragma once
@@ -30,6 +34,7 @@
 #include <tropd/estimators/topk.hpp>
 #include <tropd/host/options.hpp>
 #include <tropd/objective.hpp>
+#include <tropd/objective/stage_rules.hpp>
 
 namespace tropd::host {
 
@@ -231,93 +236,47 @@ status apply(const Obj& obj, const token_batch& b, const std::vector<uint8_t>& t
   return apply_range(obj, b, trusted, seq.data(), 0, n, out);
 }
 
-/// Stage 4: aggregation weights w_i and the normaliser (aggregation/aggregation.hpp).
+/// Stage 4: aggregation weights w_i and the normaliser (aggregation/aggregation.hpp; the rules
+/// in objective/stage_rules.hpp).
 template <class Obj>
 status aggregate_weights(const Obj& obj, const token_batch& b, const applied& a, std::vector<double>& w, double& normaliser) {
+  namespace sr = stage_rules;
   const index_t n = b.s.size;
   w.assign(static_cast<size_t>(n), 0.0);
   const auto& agg = obj.agg;
-  using aggregation::mode;
-  auto counted = [&](index_t i) { return (a.tok[static_cast<size_t>(i)].flags & flags::counted) != 0; };
-  auto kept = [&](index_t i) { return (a.tok[static_cast<size_t>(i)].flags & flags::kept) != 0; };
-  if (agg.how == mode::token_mean || agg.how == mode::kept_token_mean || agg.how == mode::sum_over_constant) {
-    double cnt = 0;
-    for (index_t i = 0; i < n; ++i) cnt += (agg.how == mode::kept_token_mean ? kept(i) : counted(i)) ? 1 : 0;
-    if (agg.how == mode::sum_over_constant) cnt = agg.constant;
-    normaliser = agg.normaliser > 0 ? agg.normaliser : cnt;
-    const double inv = normaliser > 0 ? 1.0 / normaliser : 0.0;
-    for (index_t i = 0; i < n; ++i) w[static_cast<size_t>(i)] = counted(i) ? inv : 0.0;
+  auto flags_of = [&](index_t i) { return a.tok[static_cast<size_t>(i)].flags; };
+  if (!sr::sequence_mode(agg.how)) {
+    double count = 0;
+    for (index_t i = 0; i < n; ++i) count += sr::token_count(agg, flags_of(i));
+    normaliser = sr::normaliser_of(agg, count);
+    for (index_t i = 0; i < n; ++i) w[static_cast<size_t>(i)] = sr::token_weight(flags_of(i), 1.0, normaliser);
     return {};
   }
-  // Sequence modes.
   const index_t n_seq = b.num_sequences();
   double seqs = 0;
   std::vector<double> per(static_cast<size_t>(n_seq), 0.0);
   for (index_t j = 0; j < n_seq; ++j) {
     double c = 0;
-    for (index_t i = b.seq_offsets[j]; i < b.seq_offsets[j + 1]; ++i) c += counted(i) ? 1 : 0;
-    if (c > 0) {
-      seqs += 1;
-      per[static_cast<size_t>(j)] = agg.how == mode::seq_mean_token_mean ? 1.0 / c : 1.0;
-    }
+    for (index_t i = b.seq_offsets[j]; i < b.seq_offsets[j + 1]; ++i) c += sr::is_counted(flags_of(i)) ? 1 : 0;
+    per[static_cast<size_t>(j)] = sr::sequence_factor(agg, c);
+    seqs += c > 0 ? 1 : 0;
   }
-  normaliser = agg.normaliser > 0 ? agg.normaliser : seqs;
-  const double inv = normaliser > 0 ? 1.0 / normaliser : 0.0;
+  normaliser = sr::normaliser_of(agg, seqs);
   for (index_t j = 0; j < n_seq; ++j)
     for (index_t i = b.seq_offsets[j]; i < b.seq_offsets[j + 1]; ++i)
-      w[static_cast<size_t>(i)] = counted(i) ? per[static_cast<size_t>(j)] * inv : 0.0;
+      w[static_cast<size_t>(i)] = sr::token_weight(flags_of(i), per[static_cast<size_t>(j)], normaliser);
   return {};
 }
 
-/// Diagnostics and the aggregated loss from stages 2-4 (objective/diagnostics.hpp).
+/// Diagnostics and the aggregated loss from stages 2-4 (objective/diagnostics.hpp; the sums
+/// are stage_rules::diag_partial's).
 inline void summarise(const token_batch& b, const std::vector<uint8_t>& trusted, const applied& a, const std::vector<double>& w,
                       double normaliser, diagnostics& d) {
-  const index_t n = b.s.size;
-  d = diagnostics{};
-  d.normaliser = normaliser;
-  d.n_tokens = n;
-  double sum_rt = 0, sum_ro = 0, n_rt = 0, n_ro = 0, tv = 0, hs = 0, ht = 0, sk = 0, pk = 0, n_tk = 0, rk = 0;
-  index_t adv_c = 0, ratio_c = 0;
-  for (index_t i = 0; i < n; ++i) {
-    const token_result& r = a.tok[static_cast<size_t>(i)];
-    const double wi = w[static_cast<size_t>(i)];
-    d.loss_trust += wi * r.loss_trust;
-    d.loss_outlier += wi * r.loss_outlier;
-    d.loss_guidance += wi * r.loss_guidance;
-    if (r.flags & flags::counted) ++d.n_counted;
-    if (r.flags & flags::kept) ++d.n_kept;
-    if (b.from[i] == origin::teacher) ++d.n_teacher;
-    if (b.from[i] != origin::student) continue;
-    ++d.n_student;
-    const double R = b.t[i] - (b.s_old.size ? b.s_old[i] : b.s[i]);
-    const bool tr = trusted[static_cast<size_t>(i)] != 0;
-    (tr ? d.n_trusted : d.n_outlier) += 1;
-    if (R == -inf<double>()) ++d.n_zero_teacher_mass;
-    else if (tr) { sum_rt += R; n_rt += 1; }
-    else { sum_ro += R; n_ro += 1; }
-    tv += R >= 0 ? 0.0 : -expm1_(R);
-    if (r.flags & flags::adv_clipped) ++adv_c;
-    if (r.flags & flags::ratio_clipped) ++ratio_c;
-    if (b.student_entropy.size) hs += b.student_entropy[i];
-    if (b.teacher_entropy.size) ht += b.teacher_entropy[i];
-    if (b.rkl.size) rk += b.rkl[i];  // +inf stays +inf: the true mean
-    if (r.teacher_mass > 0) { sk += r.teacher_mass; pk += r.student_mass; n_tk += 1; }
-  }
-  const double ns = double(d.n_student);
-  const double nan = quiet_nan<double>();
-  d.trust_fraction = ns > 0 ? double(d.n_trusted) / ns : nan;
-  d.outlier_fraction = ns > 0 ? double(d.n_outlier) / ns : nan;
-  d.adv_clip_fraction = ns > 0 ? double(adv_c) / ns : nan;
-  d.ratio_clip_fraction = ns > 0 ? double(ratio_c) / ns : nan;
-  d.mean_R_trusted = n_rt > 0 ? sum_rt / n_rt : nan;
-  d.mean_R_outlier = n_ro > 0 ? sum_ro / n_ro : nan;
-  d.tv_estimate = ns > 0 ? tv / ns : nan;
-  d.mean_student_entropy = (ns > 0 && b.student_entropy.size) ? hs / ns : nan;
-  d.mean_teacher_entropy = (ns > 0 && b.teacher_entropy.size) ? ht / ns : nan;
-  d.mean_rkl = (ns > 0 && b.rkl.size) ? rk / ns : nan;
-  d.mean_topk_teacher_mass = n_tk > 0 ? sk / n_tk : nan;
-  d.mean_topk_student_mass = n_tk > 0 ? pk / n_tk : nan;
-  d.loss = d.loss_trust + d.loss_outlier + d.loss_guidance;
+  stage_rules::diag_partial p;
+  for (index_t i = 0; i < b.s.size; ++i)
+    p.add(b, i, stage_rules::make_record(a.tok[static_cast<size_t>(i)], trusted[static_cast<size_t>(i)] != 0),
+          w[static_cast<size_t>(i)], 0.0, 0.0);
+  d = p.finish(b.s.size, normaliser, b.student_entropy.size != 0, b.teacher_entropy.size != 0, b.rkl.size != 0, 0, false);
 }
 
 /// Everything stages 1-4 produce for a batch.
@@ -360,35 +319,27 @@ status run_token_stages(const Obj& obj, const token_batch& b, const eval_options
 
 namespace detail {
 
-/// Token i's weighted sparse terms (the top-k entries with coefficients w g_k and the tail
-/// terms; no sampled-token entry): how its dL_i/d log p_S at the top-k ids is written.
+/// Token i's top-k lists as value rows (empty rows when the batch has none).
+inline values_row teacher_list(const token_batch& b, const applied& a, index_t i) { return a.K ? b.topk_teacher.row(i) : values_row{}; }
+inline values_row student_list(const token_batch& b, const applied& a, index_t i) { return a.K ? b.topk_student.row(i) : values_row{}; }
+
+/// Token i's dL_i/d log p_S at list entry k, tail bucket folded in (stage_rules::folded_topk).
 inline double folded_topk(const token_batch& b, const applied& a, index_t i, index_t k) {
-  const token_result& r = a.tok[static_cast<size_t>(i)];
-  double g = a.g_topk[static_cast<size_t>(i * a.K + k)];
-  if (r.topk_grad && r.topk_tail_coef != 0 && b.topk_teacher(i, k) != -inf<double>()) g += r.topk_tail_coef * exp_(b.topk_student(i, k));
-  return g;
+  return stage_rules::folded_topk(stage_rules::make_record(a.tok[static_cast<size_t>(i)], false), a.g_topk.data() + i * a.K,
+                                  teacher_list(b, a, i), student_list(b, a, i), k);
 }
 
 /// Checks, before anything is written, that every weighted per-token output and every
 /// gradient entry it induces fits `limit` (the largest finite value of the narrowest output
-/// written): a finite double that overflows is an error, never a silent inf. Tokens [i0, i1)
-/// (i1 < 0: to the end of the batch).
+/// written; stage_rules::output_fits): a finite double that overflows is an error, never a
+/// silent inf. Tokens [i0, i1) (i1 < 0: to the end of the batch).
 inline status check_output_range(const token_batch& b, const applied& a, const std::vector<double>& w, double limit, index_t i0 = 0,
                                  index_t i1 = -1) {
-  for (index_t i = i0; i < (i1 < 0 ? b.s.size : i1); ++i) {
-    const token_result& r = a.tok[static_cast<size_t>(i)];
-    const double wi = abs_(w[static_cast<size_t>(i)]);
-    // A dense gradient entry is at most |g_j| + p_j |P_j| (core/sparse_terms.hpp).
-    double sum_abs = abs_(r.dloss_ds), folded = 0;
-    for (index_t k = 0; k < a.K; ++k) {
-      sum_abs += abs_(a.g_topk[static_cast<size_t>(i * a.K + k)]);
-      folded = max_(folded, abs_(folded_topk(b, a, i, k)));
-    }
-    const double mag = wi * (2.0 * sum_abs + 2.0 * abs_(r.topk_tail_teacher));
-    if (!(mag <= limit) || !(wi * folded <= limit) || !(abs_(r.advantage) <= limit) || !(abs_(r.loss) <= limit))
+  for (index_t i = i0; i < (i1 < 0 ? b.s.size : i1); ++i)
+    if (!stage_rules::output_fits(stage_rules::make_record(a.tok[static_cast<size_t>(i)], false), a.g_topk.data() + i * a.K,
+                                  teacher_list(b, a, i), student_list(b, a, i), a.K, w[static_cast<size_t>(i)], limit))
       return make_error(errc::infinite_divergence,
                         "a per-token loss, advantage or gradient overflows its output type (e.g. rho = exp(s - s_old) too large)", i);
-  }
   return {};
 }
 

@@ -137,11 +137,19 @@ struct entropy_top_fraction {
     if (!(fraction > 0 && fraction <= 1)) return make_error(errc::invalid_parameter, "entropy_top_fraction: fraction must lie in (0, 1]");
     return {};
   }
+  /// The threshold's rank (0-based, descending) among n student tokens:
+  /// keep = max(1, floor(fraction n + 1 - 1e-9)), rank min(keep, n) - 1; -1 when n = 0 (the
+  /// threshold is then +inf). The device's prepare sorts and reads the same rank.
+  TROPD_HD static constexpr index_t threshold_rank(double fraction, index_t n) noexcept {
+    if (n <= 0) return -1;
+    index_t keep = static_cast<index_t>(fraction * double(n) + 1.0 - 1e-9);
+    if (keep < 1) keep = 1;
+    return (keep < n ? keep : n) - 1;
+  }
   status prepare(const batch_tokens& b, batch_context& ctx, batch_storage&) const {
     if (b.n == 0) { ctx.threshold = inf<double>(); return {}; }
     std::vector<double> h(b.ent_s, b.ent_s + b.n);
-    const index_t keep = std::max<index_t>(1, static_cast<index_t>(fraction * double(b.n) + 1.0 - 1e-9));
-    const index_t kth = std::min(keep, b.n) - 1;
+    const index_t kth = threshold_rank(fraction, b.n);
     std::nth_element(h.begin(), h.begin() + kth, h.end(), [](double x, double y) { return x > y; });
     ctx.threshold = h[static_cast<size_t>(kth)];
     return {};

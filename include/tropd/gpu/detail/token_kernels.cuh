@@ -29,13 +29,15 @@
 #include <tropd/core/values.hpp>
 #include <tropd/gpu/config.cuh>
 #include <tropd/gpu/detail/block_ops.cuh>
-#include <tropd/gpu/detail/stage_rules.hpp>
 #include <tropd/gpu/detail/topk_block.cuh>
 #include <tropd/gpu/status_word.cuh>
 #include <tropd/objective.hpp>
+#include <tropd/objective/stage_rules.hpp>
 #include <tropd/regions/regions.hpp>
 
 namespace tropd::gpu::detail {
+
+using namespace ::tropd::stage_rules;  // the per-token rules the host stages share
 
 /// The token stages' arrays in the call's scratch (device pointers).
 struct token_scratch {
@@ -158,12 +160,12 @@ __global__ void __launch_bounds__(block_threads) entropy_keys_kernel(token_batch
   if (threadIdx.x == 0 && students) atomicAdd(&sc.counters[2], static_cast<unsigned long long>(students));
 }
 
-/// The threshold: the rank top_fraction_rank(fraction, students) of the sorted entropies.
+/// The threshold: the region's threshold_rank(fraction, students) of the sorted entropies.
 template <class = void>  // a template: a kernel defined in a header, one definition per program
 __global__ void entropy_threshold_kernel(double fraction, token_scratch sc) {
   if (threadIdx.x != 0 || failed(sc.status)) return;
   const index_t n_s = static_cast<index_t>(sc.counters[2]);
-  const index_t k = top_fraction_rank(fraction, n_s);
+  const index_t k = regions::entropy_top_fraction::threshold_rank(fraction, n_s);
   *sc.threshold = k < 0 ? inf<double>() : sc.sort_out[k];
 }
 

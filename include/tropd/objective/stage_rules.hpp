@@ -1,21 +1,15 @@
-// tropd/gpu/detail/stage_rules.hpp: what the device's token stages do per token or per
-// sequence, as TROPD_HD code that also compiles with a plain C++20 compiler
-// (tests/test_gpu_emulation.cpp runs the stages on the CPU with these functions and compares
-// them with host::run_token_stages, output by output).
-//
-// The host's stages (host/token_stages.hpp) are loops over std::vector; these are the bodies
-// of those loops, written for one item so that a kernel can run them in parallel and reduce
-// the results:
+// tropd/objective/stage_rules.hpp: what the token stages do per token or per sequence, as
+// TROPD_HD code: the one definition of each rule, used by the host's stages
+// (host/token_stages.hpp, loops over the batch) and the device's (gpu/detail/token_kernels.cuh,
+// one item per thread, results reduced). tests/test_gpu_emulation.cpp runs the device's
+// order of these on the CPU against host::run_token_stages.
 //
 //   token_record            what stage 3 keeps of tropd::token_result (no status)
-//   aggregation rules       host aggregate_weights: the count each mode normalises by, the
-//                           per-sequence factor, the weight w_i
-//   diag_partial            host summarise: the sums behind diagnostics, mergeable
-//   output_fits             host detail::check_output_range for one token
-//   top_fraction_rank       entropy_top_fraction::prepare's rank of the threshold
-//
-// The host's token stages are not TROPD_HD, so these bodies restate them; the emulation test
-// holds both to the same numbers.
+//   aggregation rules       the count each mode normalises by, the per-sequence factor, the
+//                           normaliser, the weight w_i
+//   diag_partial            the sums behind diagnostics, mergeable, and their finish
+//   folded_topk             dL_i/d log p_S at a list entry with the tail bucket folded in
+//   output_fits             whether a token's weighted outputs fit the output type
 #pragma once
 
 #include <stdint.h>
@@ -30,7 +24,7 @@
 #include <tropd/objective/diagnostics.hpp>
 #include <tropd/objective/objective.hpp>
 
-namespace tropd::gpu::detail {
+namespace tropd::stage_rules {
 
 /// What the token stages keep of a token after the per-token rule (unweighted).
 struct token_record {
@@ -62,7 +56,7 @@ TROPD_HD inline token_record make_record(const token_result& r, bool trusted) no
 }
 
 // ---------------------------------------------------------------------------------------------
-// Aggregation (host aggregate_weights)
+// Aggregation
 // ---------------------------------------------------------------------------------------------
 
 TROPD_HD constexpr bool is_counted(uint8_t f) noexcept { return (f & flags::counted) != 0; }
@@ -99,7 +93,7 @@ TROPD_HD constexpr double token_weight(uint8_t f, double per, double normaliser)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Diagnostics (host summarise)
+// Diagnostics
 // ---------------------------------------------------------------------------------------------
 
 struct diag_partial {
@@ -172,7 +166,7 @@ struct diag_partial {
     adv_c += o.adv_c;
     ratio_c += o.ratio_c;
   }
-  /// The diagnostics (host summarise's finish; the dense part added as evaluate_rows adds it).
+  /// The diagnostics from the sums (the dense part added as evaluate_rows adds it).
   TROPD_HD diagnostics finish(index_t n, double normaliser, bool has_ent_s, bool has_ent_t, bool has_rkl, index_t n_masked,
                               bool has_dense) const noexcept {
     diagnostics d;
@@ -226,7 +220,7 @@ TROPD_HD inline diagnostics poisoned_diagnostics() noexcept {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Outputs (host detail::folded_topk, check_output_range, write_token_outputs)
+// Outputs
 // ---------------------------------------------------------------------------------------------
 
 /// dL_i/d log p_S at list entry k: the raw coefficient g[k] with the tail bucket's c p_k folded
@@ -257,18 +251,4 @@ TROPD_HD inline bool output_fits(const token_record& r, const double* g, values_
   return (mag <= limit) && (wi * folded <= limit) && (abs_(r.advantage) <= limit) && (abs_(r.loss) <= limit);
 }
 
-// ---------------------------------------------------------------------------------------------
-// Decisions
-// ---------------------------------------------------------------------------------------------
-
-/// entropy_top_fraction::prepare's threshold: the rank (0-based, descending) of the kept
-/// student entropy among n student tokens, keep = max(1, floor(fraction n + 1 - 1e-9)); -1
-/// when n = 0 (the threshold is then +inf).
-TROPD_HD constexpr index_t top_fraction_rank(double fraction, index_t n) noexcept {
-  if (n <= 0) return -1;
-  index_t keep = static_cast<index_t>(fraction * double(n) + 1.0 - 1e-9);
-  if (keep < 1) keep = 1;
-  return (keep < n ? keep : n) - 1;
-}
-
-}  // namespace tropd::gpu::detail
+}  // namespace tropd::stage_rules
