@@ -270,12 +270,15 @@ def test_frozen_weight_gets_no_gradient():
 
 def test_no_grad_mode_computes_no_gradient():
     d = head_batch(seed=31)
+    h = d["h"].clone().requires_grad_()
     with torch.no_grad():
-        loss, diag = tt.fused_linear_distill_loss(d["h"].requires_grad_(), d["W"], d["ids"], d["origin"],
-                                                  teacher_hidden=d["th"], teacher_weight=d["tW"],
+        loss, diag = tt.fused_linear_distill_loss(h, d["W"], d["ids"], d["origin"], teacher_hidden=d["th"],
+                                                  teacher_weight=d["tW"], old_logprobs=d["s_old"],
                                                   objective=tropd.presets.opd())  # fmt: skip
+    assert not loss.requires_grad and loss.grad_fn is None
     ref = unfused(tropd.presets.opd(), dict(d, tb=torch.zeros(13, dtype=torch.float64)), bias=False)
     torch.testing.assert_close(loss, ref[0], rtol=1e-10, atol=1e-12)
+    assert diag["n_counted"].item() == ref[1]["n_counted"].item()
 
 
 @pytest.mark.parametrize("cfg", [tropd.presets.opd(eps_low=0.2, eps_high=0.2), tropd.presets.tropd(k=3, beta=0.05, form="p"),
