@@ -7,8 +7,9 @@ autograd), the teacher's own head (h_T [N, H], W_T [V, H], no autograd), every r
 student-sampled token. Objective: OPD (tropd.presets.opd(): A = t - s on every student token,
 -rho A, token mean). Cases, each in a process of its own:
 
-  fused        tropd.torch.fused_linear_distill_loss(h, W, ..., teacher_hidden=h_T,
-               teacher_weight=W_T), chunk chosen from the default 256 MiB scratch budget
+  fused@B      tropd.torch.fused_linear_distill_loss(h, W, ..., teacher_hidden=h_T,
+               teacher_weight=W_T, scratch_budget=B MiB), the chunk chosen from the budget
+               (--budgets-mib, default 256 (the default) and 32)
   eager_tropd  z = h @ W.T, u = h_T @ W_T.T (fp32 logits materialised), tropd.torch.distill_loss
   eager_torch  the same logits, a pure-PyTorch OPD (K1) loss: log_softmax, gather, the
                surrogate -exp(s - sg(s)) sg(t - s), token mean
@@ -36,7 +37,7 @@ import sys
 import tempfile
 import time
 
-CASES = ("fused", "eager_tropd", "eager_torch")
+EAGER = ("eager_tropd", "eager_torch")
 
 
 def rss_now() -> int:
@@ -103,7 +104,8 @@ def worker(args) -> None:
     def call():
         h.grad = W.grad = None
         if args.worker == "fused":
-            loss, d = tt.fused_linear_distill_loss(h, W, ids, origin, objective=cfg, teacher_hidden=ht, teacher_weight=Wt)
+            loss, d = tt.fused_linear_distill_loss(h, W, ids, origin, objective=cfg, teacher_hidden=ht, teacher_weight=Wt,
+                                                   scratch_budget=args.budget << 20)  # fmt: skip
             info["scratch"] = int(d["fused_scratch_bytes"])
             info["chunk"] = int(d["fused_chunk"])
         else:
@@ -139,7 +141,9 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--worker", choices=CASES, help=argparse.SUPPRESS)
+    p.add_argument("--budgets-mib", type=int, nargs="+", default=[256, 32])
+    p.add_argument("--budget", type=int, default=256, help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=("fused",) + EAGER, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -148,29 +152,38 @@ def main() -> int:
     import torch
 
     print(f"torch {torch.__version__}, N={args.N}, H={args.H}, fp32, OPD, teacher head, {args.threads} thread(s), best of {args.reps}")
-    print("| V | case | time | extra peak memory | [N, V] fp32 logits (student + teacher) | fused scratch (chunk) | time / fused | memory / fused |")
+    print("| V | case | time | extra peak memory | [N, V] fp32 logits (student + teacher) | fused scratch (chunk) | time / first fused | memory / first fused |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
         for V in args.V:
             res = {}
-            for case in CASES:
-                out = os.path.join(tmp, f"{case}-{V}.json")
+            cases = [(f"fused@{b}", "fused", b) for b in args.budgets_mib] + [(c, c, 0) for c in EAGER]
+            for name, case, budget in cases:
+                out = os.path.join(tmp, f"{case}-{budget}-{V}.json")
                 cmd = [sys.executable, __file__, "--worker", case, "--out", out, "--N", str(args.N), "--H", str(args.H),
-                       "--V", str(V), "--reps", str(args.reps), "--threads", str(args.threads), "--seed", str(args.seed)]  # fmt: skip
+                       "--V", str(V), "--reps", str(args.reps), "--threads", str(args.threads), "--seed", str(args.seed),
+                       "--budget", str(budget)]  # fmt: skip
                 subprocess.check_call(cmd)
                 with open(out) as f:
-                    res[case] = json.load(f)
-                res[case]["grads"] = torch.load(out + ".pt")
-            f = res["fused"]
+                    res[name] = json.load(f)
+                res[name]["grads"] = torch.load(out + ".pt")
+            f = res[cases[0][0]]
             logits_bytes = 2 * args.N * V * 4
-            for case in CASES:
-                r = res[case]
-                scratch = f"{f['scratch'] / 2**20:.1f} MiB ({f['chunk']})" if case == "fused" else "-"
-                print(f"| {V} | {case} | {r['time']:.2f} s | {r['extra'] / 2**20:.1f} MiB | {logits_bytes / 2**20:.1f} MiB | "
+            for name, case, _ in cases:
+                r = res[name]
+                scratch = f"{r['scratch'] / 2**20:.1f} MiB ({r['chunk']})" if case == "fused" else "-"
+                print(f"| {V} | {name} | {r['time']:.2f} s | {r['extra'] / 2**20:.1f} MiB | {logits_bytes / 2**20:.1f} MiB | "
                       f"{scratch} | {r['time'] / f['time']:.2f} | {r['extra'] / max(f['extra'], 1):.2f} |")  # fmt: skip
-            for case in ("eager_tropd", "eager_torch"):
-                r = res[case]
+            for fname, case, _ in cases:
+                if case != "fused":
+                    continue
+                fr = res[fname]
+                for e in EAGER:
+                    r = res[e]
+                    print(f"  V={V} {e} / {fname}: time {r['time'] / fr['time']:.2f}, extra memory {r['extra'] / max(fr['extra'], 1):.2f}")
+            for name, case, _ in cases[1:]:
+                r = res[name]
                 rel = abs(r["loss"] - f["loss"]) / max(abs(r["loss"]), 1e-30)
                 errs = []
                 for key in ("dh", "dW"):
@@ -178,7 +191,7 @@ def main() -> int:
                     errs.append(float((a - b).abs().max() / b.abs().max()))
                 agree = rel < 1e-4 and max(errs) < 1e-3
                 ok &= agree
-                print(f"  V={V} fused vs {case}: loss rel. error {rel:.1e}, dL/dh {errs[0]:.1e}, dL/dW {errs[1]:.1e} "
+                print(f"  V={V} {cases[0][0]} vs {name}: loss rel. error {rel:.1e}, dL/dh {errs[0]:.1e}, dL/dW {errs[1]:.1e} "
                       f"(max error / max |value|){'' if agree else '  MISMATCH'}")  # fmt: skip
     return 0 if ok else 1
 
