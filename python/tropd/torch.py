@@ -747,9 +747,6 @@ def _fused_setup_context(ctx, inputs, output):
     ctx.save_for_backward(gh, gw, gb)
     ctx.mark_non_differentiable(gh, gw, gb, stats, flags, adv, info)
     ctx.set_materialize_grads(False)
-    # Eager only, as in _rows_setup_context: the gradients themselves, returned by the backward
-    # when grad_output is 1 (no second [V, H] buffer for dL/dW).
-    ctx.grad_refs = (gh, gw, gb) if all(type(g) is torch.Tensor for g in (gh, gw, gb)) else None
 
 
 def _fused_backward(ctx, grad_loss, *_unused):
@@ -764,9 +761,9 @@ def _fused_backward(ctx, grad_loss, *_unused):
             "tropd: backward through a fused loss computed without that gradient (the forward ran without grad "
             "mode or before requires_grad was set)"
         )
-    if ctx.grad_refs is not None and _is_eager_one(grad_loss):
-        gh, gw, gb = ctx.grad_refs
-        return (gh if want_h else None, gw if want_w else None, gb if want_b else None) + (None,) * (_FUSED_NARGS - 3)
+    # Always a new tensor: dL/dW's consumer is usually a leaf parameter, whose AccumulateGrad
+    # adopts a fresh tensor but would copy one still referenced here (tropd::rows' shortcut of
+    # returning the saved gradient saves nothing there); the saved ones are freed after this node.
     scale = grad_loss.to(gh.dtype)
     return (
         gh * scale if want_h else None,
