@@ -515,3 +515,30 @@ def test_compile_fullgraph_matches_eager():
         assert torch.equal(out_c[2], out_e[2])
         for a, b in zip(ins_c, ins_e):
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-14)
+
+
+def test_backward_scaled_and_retained_graph():
+    """grad_output != 1 scales every gradient; with grad_output = 1 the saved gradients are handed
+    to autograd (a leaf adopts them): a retained graph's second backward adds the right values,
+    and once an adopted .grad has been modified in place (that accumulation) a further backward is
+    refused by autograd's version check (never a stale gradient)."""
+    d = head_batch(seed=35)
+    _, _, rdh, rdW, rdb = unfused(tropd.presets.opd(), d)
+    h = d["h"].clone().requires_grad_()
+    W = d["W"].clone().requires_grad_()
+    b = d["b"].clone().requires_grad_()
+    loss, _ = tt.fused_linear_distill_loss(h, W, d["ids"], d["origin"], bias=b, **_kwargs(tropd.presets.opd(), d, "head"))
+    (2.5 * loss).backward(retain_graph=True)
+    torch.testing.assert_close(W.grad, 2.5 * rdW, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(h.grad, 2.5 * rdh, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(b.grad, 2.5 * rdb, rtol=1e-9, atol=1e-12)
+    h.grad = W.grad = b.grad = None
+    loss.backward(retain_graph=True)
+    loss.backward(retain_graph=True)
+    torch.testing.assert_close(W.grad, 2 * rdW, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(h.grad, 2 * rdh, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(b.grad, 2 * rdb, rtol=1e-9, atol=1e-12)
+    # The second backward accumulated into the adopted (saved) gradients: the graph refuses a third.
+    h.grad = W.grad = b.grad = None
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

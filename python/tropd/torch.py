@@ -761,9 +761,14 @@ def _fused_backward(ctx, grad_loss, *_unused):
             "tropd: backward through a fused loss computed without that gradient (the forward ran without grad "
             "mode or before requires_grad was set)"
         )
-    # Always a new tensor: dL/dW's consumer is usually a leaf parameter, whose AccumulateGrad
-    # adopts a fresh tensor but would copy one still referenced here (tropd::rows' shortcut of
-    # returning the saved gradient saves nothing there); the saved ones are freed after this node.
+    # grad_output = 1 (eager, CPU; see _is_eager_one): the saved gradients are the answer. They
+    # are returned as unpacked from the saved tensors (no other reference: the op's outputs are
+    # dropped by fused_linear_distill_loss), so a leaf weight's AccumulateGrad adopts dL/dW
+    # without a copy and the hidden states' consumer only reads dL/dh: no second [V, H] buffer.
+    # An adopted .grad shares the saved tensor's version counter: modified in place, a second
+    # backward through a retained graph is refused. Otherwise the product is a new tensor.
+    if _is_eager_one(grad_loss):
+        return (gh if want_h else None, gw if want_w else None, gb if want_b else None) + (None,) * (_FUSED_NARGS - 3)
     scale = grad_loss.to(gh.dtype)
     return (
         gh * scale if want_h else None,
