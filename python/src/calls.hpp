@@ -52,11 +52,53 @@ struct tokens_call {
   double normaliser = 0;
 };
 
+/// A linear head as plain views: hidden [n x H], weight [V x H], optional bias [V] (data ==
+/// nullptr: none), all of one element type (f32 or f64: the host fused call's types), and its
+/// logit transform.
+struct head_arg {
+  logits_arg hidden;
+  logits_arg weight;
+  const void* bias = nullptr;           ///< [bias_size] contiguous (nullptr: none)
+  tropd::index_t bias_size = 0;
+  double scale = 1.0, softcap = 0.0;
+};
+
+/// host::fused_lm_head: the student head, the teacher (a head when teacher_head.hidden.data,
+/// else logits when teacher.data, else log-probs teacher_t + in.teacher_topk), the per-row
+/// inputs and the outputs. Gradients have the head's element type; grad_* == nullptr: not
+/// computed (grad_weight / grad_bias are ADDED to: the caller zeroes them).
+struct fused_call {
+  head_arg student;
+  head_arg teacher_head;                ///< hidden.data == nullptr: not a head
+  logits_arg teacher;                   ///< [n x V] teacher logits (data == nullptr: none)
+  tropd::values_view teacher_t{};       ///< [n] log p_T(y) of a served teacher
+  tropd::host::row_inputs in{};
+  void* grad_hidden = nullptr;          ///< [n x H], row stride grad_hidden_stride
+  tropd::index_t grad_hidden_stride = 0;
+  void* grad_weight = nullptr;          ///< [V x H], row stride grad_weight_stride
+  tropd::index_t grad_weight_stride = 0;
+  void* grad_bias = nullptr;            ///< [V] contiguous
+  double* loss = nullptr;
+  tropd::diagnostics* diag = nullptr;
+  tropd::values_out advantage{};
+  tropd::vector_view<uint8_t> flags{};
+  tropd::host::eval_options opt{};
+  tropd::index_t chunk = 0;             ///< rows per chunk (0: from scratch_budget)
+  size_t scratch_budget = 0;            ///< bytes of chunk buffers (chunk = 0)
+  double normaliser = 0;
+  tropd::index_t used_chunk = 0;        ///< written: the chunk the call used
+  size_t scratch_bytes = 0;             ///< written: the bytes of chunk buffers it allocated
+  int sweeps = 0;                       ///< written: 1 or 2
+};
+
 /// Row level, one function per student logits dtype (rows_f32.cpp, ...). Spec errors set *error.
 tropd::status rows_f32(const objective_spec& spec, const rows_call& c, std::string* error);
 tropd::status rows_f64(const objective_spec& spec, const rows_call& c, std::string* error);
 tropd::status rows_bf16(const objective_spec& spec, const rows_call& c, std::string* error);
 tropd::status rows_f16(const objective_spec& spec, const rows_call& c, std::string* error);
+/// The fused LM head, one function per head element type (fused_f32.cpp, fused_f64.cpp).
+tropd::status fused_f32(const objective_spec& spec, fused_call& c, std::string* error);
+tropd::status fused_f64(const objective_spec& spec, fused_call& c, std::string* error);
 /// Token level (tokens.cpp).
 tropd::status tokens(const objective_spec& spec, const tokens_call& c, std::string* error);
 

@@ -276,28 +276,16 @@ objective_spec parse(const std::string& text) {
 // Entry points
 // ---------------------------------------------------------------------------
 
-/// evaluate_rows' arguments, checked and turned into a rows_call (shared with sharded_rows).
-void rows_arguments(rows_call& c, device_of_call& dev, const array& student, const opt_array& teacher_logits,
-                    const opt_array& teacher_token_logprobs, const array& token_ids, const array& origin, const array& seq_offsets,
-                    const opt_array& sequence_ids, const opt_array& old_logprobs, const opt_array& ref_logprobs,
-                    const opt_array& topk_ids, const opt_array& topk_logprobs, const opt_array& old_topk_logprobs, const opt_out& grad,
-                    const out_array& loss, const out_array& stats, const opt_out& flags, const opt_out& advantage,
-                    const opt_out& dloss_ds, uint64_t seed, uint64_t step, double student_temperature, double teacher_temperature,
-                    double normaliser, int threads, bool mask_bad_input) {
-  c.student = logits("student_logits", student, -1, -1, dev);
-  const index_t n = c.student.rows, V = c.student.cols;
-  if (teacher_logits && teacher_token_logprobs)
-    throw nb::value_error("tropd: pass the teacher as logits or as token log-probs, not both");
-  if (!teacher_logits && !teacher_token_logprobs)
-    throw nb::value_error("tropd: the teacher is missing: pass teacher_logits or teacher_token_logprobs");
-  if (teacher_logits) {
-    c.teacher = logits("teacher_logits", *teacher_logits, n, -1, dev);
-    if (c.teacher.cols != V)
-      bad("teacher_logits",
-          "vocabulary " + std::to_string(c.teacher.cols) + " differs from the student's " + std::to_string(V) +
-              " (pad or truncate the teacher vocabulary first)");
-    if (c.teacher.type != c.student.type) bad("teacher_logits", "must have the student logits' dtype");
-  }
+/// The per-row metadata and the outputs every row-level call shares (evaluate_rows,
+/// sharded_rows, evaluate_fused), checked and put into the call C (rows_call or fused_call) for
+/// n rows.
+template <class C>
+void row_metadata(C& c, device_of_call& dev, index_t n, const opt_array& teacher_token_logprobs, const array& token_ids,
+                  const array& origin, const array& seq_offsets, const opt_array& sequence_ids, const opt_array& old_logprobs,
+                  const opt_array& ref_logprobs, const opt_array& topk_ids, const opt_array& topk_logprobs,
+                  const opt_array& old_topk_logprobs, const out_array& loss, const out_array& stats, const opt_out& flags,
+                  const opt_out& advantage, uint64_t seed, uint64_t step, double student_temperature, double teacher_temperature,
+                  double normaliser, int threads, bool mask_bad_input) {
   c.teacher_t = values("teacher_token_logprobs", teacher_token_logprobs, n, dev);
   c.in.ids = typed_vector<int32_t>("token_ids", token_ids, n, nb::dlpack::dtype_code::Int, dev);
   c.in.from = tropd::vector_view<const tropd::origin>{
@@ -322,16 +310,6 @@ void rows_arguments(rows_call& c, device_of_call& dev, const array& student, con
   c.in.topk_student_old = values_matrix("old_topk_logprobs", old_topk_logprobs, n, -1, dev);
   c.in.student_temperature = student_temperature;
   c.in.teacher_temperature = teacher_temperature;
-  // Outputs.
-  if (grad) {
-    dev.check("grad", *grad);
-    check_matrix("grad", *grad, n, V);
-    const bool want64 = c.student.type == logit_type::f64;
-    if (want64 ? !is_f64(grad->dtype()) : !is_f32(grad->dtype()))
-      bad("grad", want64 ? "must be float64 for float64 logits" : "must be float32 (the gradient of 16- and 32-bit logits is written in fp32)");
-    c.grad = grad->data();
-    c.grad_stride = row_stride(*grad);
-  }
   dev.check("loss", loss);
   if (loss.size() != 1 || !(is_f32(loss.dtype()) || is_f64(loss.dtype()))) bad("loss", "must hold one float32 or float64 value");
   dev.check("stats", stats);
@@ -344,12 +322,48 @@ void rows_arguments(rows_call& c, device_of_call& dev, const array& student, con
     c.flags = {static_cast<uint8_t*>(flags->data()), n};
   }
   c.advantage = values_out("advantage", advantage, n, dev);
-  c.dloss_ds = values_out("dloss_ds", dloss_ds, n, dev);
   c.opt.seed = seed;
   c.opt.step = step;
   c.opt.threads = threads < 1 ? 1 : threads;
   c.opt.bad_input = mask_bad_input ? tropd::host::input_policy::mask : tropd::host::input_policy::reject;
   c.normaliser = normaliser;
+}
+
+/// evaluate_rows' arguments, checked and turned into a rows_call (shared with sharded_rows).
+void rows_arguments(rows_call& c, device_of_call& dev, const array& student, const opt_array& teacher_logits,
+                    const opt_array& teacher_token_logprobs, const array& token_ids, const array& origin, const array& seq_offsets,
+                    const opt_array& sequence_ids, const opt_array& old_logprobs, const opt_array& ref_logprobs,
+                    const opt_array& topk_ids, const opt_array& topk_logprobs, const opt_array& old_topk_logprobs, const opt_out& grad,
+                    const out_array& loss, const out_array& stats, const opt_out& flags, const opt_out& advantage,
+                    const opt_out& dloss_ds, uint64_t seed, uint64_t step, double student_temperature, double teacher_temperature,
+                    double normaliser, int threads, bool mask_bad_input) {
+  c.student = logits("student_logits", student, -1, -1, dev);
+  const index_t n = c.student.rows, V = c.student.cols;
+  if (teacher_logits && teacher_token_logprobs)
+    throw nb::value_error("tropd: pass the teacher as logits or as token log-probs, not both");
+  if (!teacher_logits && !teacher_token_logprobs)
+    throw nb::value_error("tropd: the teacher is missing: pass teacher_logits or teacher_token_logprobs");
+  if (teacher_logits) {
+    c.teacher = logits("teacher_logits", *teacher_logits, n, -1, dev);
+    if (c.teacher.cols != V)
+      bad("teacher_logits",
+          "vocabulary " + std::to_string(c.teacher.cols) + " differs from the student's " + std::to_string(V) +
+              " (pad or truncate the teacher vocabulary first)");
+    if (c.teacher.type != c.student.type) bad("teacher_logits", "must have the student logits' dtype");
+  }
+  row_metadata(c, dev, n, teacher_token_logprobs, token_ids, origin, seq_offsets, sequence_ids, old_logprobs, ref_logprobs, topk_ids,
+               topk_logprobs, old_topk_logprobs, loss, stats, flags, advantage, seed, step, student_temperature, teacher_temperature,
+               normaliser, threads, mask_bad_input);
+  if (grad) {
+    dev.check("grad", *grad);
+    check_matrix("grad", *grad, n, V);
+    const bool want64 = c.student.type == logit_type::f64;
+    if (want64 ? !is_f64(grad->dtype()) : !is_f32(grad->dtype()))
+      bad("grad", want64 ? "must be float64 for float64 logits" : "must be float32 (the gradient of 16- and 32-bit logits is written in fp32)");
+    c.grad = grad->data();
+    c.grad_stride = row_stride(*grad);
+  }
+  c.dloss_ds = values_out("dloss_ds", dloss_ds, n, dev);
 }
 
 nb::object evaluate_rows(const std::string& objective, const array& student, const opt_array& teacher_logits,
@@ -644,6 +658,120 @@ nb::object sharded_finish(sharded_rows_call& r) {
   return result(st, "");
 }
 
+// ---------------------------------------------------------------------------
+// The fused LM head (host::fused_lm_head; python/src/fused_<dtype>.cpp)
+// ---------------------------------------------------------------------------
+
+/// A head matrix (hidden states or weight): 2-D, unit column stride, float32 or float64 (the
+/// host fused call's element types; tropd.torch widens 16-bit heads). Shape relations between
+/// the head's arrays are the library's checks (check_head).
+logits_arg head_matrix(const char* name, const array& a, device_of_call& dev, logit_type want, bool first) {
+  dev.check(name, a);
+  check_matrix(name, a, -1, -1);
+  if (!is_f32(a.dtype()) && !is_f64(a.dtype())) bad(name, "must be float32 or float64 (the host fused LM head's types), is " + dtype_name(a.dtype()));
+  const logits_arg r{a.data(), index_t(a.shape(0)), index_t(a.shape(1)), row_stride(a),
+                     is_f32(a.dtype()) ? logit_type::f32 : logit_type::f64};
+  if (!first && r.type != want) bad(name, "must have the student hidden states' dtype");
+  return r;
+}
+
+void head_bias(head_arg& h, const char* name, const opt_array& bias, device_of_call& dev) {
+  if (!bias) return;
+  dev.check(name, *bias);
+  check_vector(name, *bias, -1);
+  if ((h.hidden.type == logit_type::f64) ? !is_f64(bias->dtype()) : !is_f32(bias->dtype())) bad(name, "must have the hidden states' dtype");
+  h.bias = bias->data();
+  h.bias_size = index_t(bias->shape(0));
+}
+
+/// A gradient output of the head's dtype (2-D with unit column stride, or 1-D contiguous).
+void* head_grad(const char* name, const opt_out& g, device_of_call& dev, logit_type type, size_t ndim, index_t* stride) {
+  if (!g) return nullptr;
+  dev.check(name, *g);
+  if (ndim == 2) {
+    check_matrix(name, *g, -1, -1);
+    *stride = row_stride(*g);
+  } else {
+    check_vector(name, *g, -1);
+  }
+  if (type == logit_type::f64 ? !is_f64(g->dtype()) : !is_f32(g->dtype())) bad(name, "must have the hidden states' dtype");
+  return g->data();
+}
+
+nb::object evaluate_fused(const std::string& objective, const array& hidden, const array& weight, const opt_array& bias,
+                          const opt_array& teacher_hidden, const opt_array& teacher_weight, const opt_array& teacher_bias,
+                          const opt_array& teacher_logits, const opt_array& teacher_token_logprobs, const array& token_ids,
+                          const array& origin, const array& seq_offsets, const opt_array& sequence_ids, const opt_array& old_logprobs,
+                          const opt_array& ref_logprobs, const opt_array& topk_ids, const opt_array& topk_logprobs,
+                          const opt_array& old_topk_logprobs, const opt_out& grad_hidden, const opt_out& grad_weight,
+                          const opt_out& grad_bias, const out_array& loss, const out_array& stats, const opt_out& flags,
+                          const opt_out& advantage, uint64_t seed, uint64_t step, double logit_scale, double softcap,
+                          double teacher_logit_scale, double teacher_softcap, double student_temperature, double teacher_temperature,
+                          double normaliser, int64_t chunk, uint64_t scratch_budget, int threads, bool mask_bad_input) {
+  const objective_spec spec = parse(objective);
+  device_of_call dev;
+  fused_call c;
+  c.student.hidden = head_matrix("student_hidden", hidden, dev, logit_type::f32, true);
+  const logit_type type = c.student.hidden.type;
+  if (dev.type != dev_cpu)  // code -1: NotImplementedError (python/tropd/_errors.py)
+    return nb::make_tuple(nb::make_tuple(-1, int64_t(-1), int64_t(-1),
+                                         std::string("tropd: the fused LM head has no CUDA entry point in this extension (the host "
+                                                     "fused_lm_head only): pass CPU tensors, or materialise the logits and use distill_loss")),
+                          int64_t(0), uint64_t(0), 0);
+  c.student.weight = head_matrix("student_weight", weight, dev, type, false);
+  head_bias(c.student, "bias", bias, dev);
+  c.student.scale = logit_scale;
+  c.student.softcap = softcap;
+  const index_t n = c.student.hidden.rows;
+  const int forms = int(teacher_hidden.has_value()) + int(teacher_logits.has_value()) + int(teacher_token_logprobs.has_value());
+  if (teacher_hidden.has_value() != teacher_weight.has_value())
+    throw nb::value_error("tropd: teacher_hidden and teacher_weight go together (the teacher's head)");
+  if (teacher_bias && !teacher_hidden) throw nb::value_error("tropd: teacher_bias without the teacher's head (teacher_hidden, teacher_weight)");
+  if (forms > 1) throw nb::value_error("tropd: pass the teacher one way: its head, its logits, or its token log-probs");
+  if (forms == 0)
+    throw nb::value_error("tropd: the teacher is missing: pass teacher_hidden and teacher_weight, teacher_logits, or teacher_token_logprobs");
+  if (teacher_hidden) {
+    c.teacher_head.hidden = head_matrix("teacher_hidden", *teacher_hidden, dev, type, false);
+    c.teacher_head.weight = head_matrix("teacher_weight", *teacher_weight, dev, type, false);
+    head_bias(c.teacher_head, "teacher_bias", teacher_bias, dev);
+    c.teacher_head.scale = teacher_logit_scale;
+    c.teacher_head.softcap = teacher_softcap;
+  }
+  if (teacher_logits) {
+    c.teacher = logits("teacher_logits", *teacher_logits, -1, -1, dev);
+    if (c.teacher.type != type) bad("teacher_logits", "must have the student hidden states' dtype");
+  }
+  row_metadata(c, dev, n, teacher_token_logprobs, token_ids, origin, seq_offsets, sequence_ids, old_logprobs, ref_logprobs, topk_ids,
+               topk_logprobs, old_topk_logprobs, loss, stats, flags, advantage, seed, step, student_temperature, teacher_temperature,
+               normaliser, threads, mask_bad_input);
+  index_t unused = 0;
+  c.grad_hidden = head_grad("grad_hidden", grad_hidden, dev, type, 2, &c.grad_hidden_stride);
+  c.grad_weight = head_grad("grad_weight", grad_weight, dev, type, 2, &c.grad_weight_stride);
+  c.grad_bias = head_grad("grad_bias", grad_bias, dev, type, 1, &unused);
+  if (chunk < 0) bad("chunk", "must be >= 0 (0: chosen from scratch_budget)");
+  c.chunk = index_t(chunk);
+  c.scratch_budget = size_t(scratch_budget);
+  const host_copies copies(c.in.seq_offsets, c.in.from);
+  c.in.seq_offsets = copies.offsets();
+  c.in.from = copies.from();
+  double loss_value = 0;
+  tropd::diagnostics diag;
+  c.loss = &loss_value;
+  c.diag = &diag;
+  std::string spec_error;
+  tropd::status st;
+  {
+    nb::gil_scoped_release release;
+    st = type == logit_type::f64 ? fused_f64(spec, c, &spec_error) : fused_f32(spec, c, &spec_error);
+  }
+  if (st.ok()) {
+    if (is_f64(loss.dtype())) *static_cast<double*>(loss.data()) = loss_value;
+    else *static_cast<float*>(loss.data()) = float(loss_value);
+    write_stats(diag, static_cast<double*>(stats.data()));
+  }
+  return nb::make_tuple(result(st, spec_error), int64_t(c.used_chunk), uint64_t(c.scratch_bytes), c.sweeps);
+}
+
 }  // namespace
 }  // namespace tropd_py
 
@@ -679,6 +807,15 @@ NB_MODULE(_C, m) {
         "tensor_size"_a, "data_rank"_a, "data_size"_a, "decisions_per_rank"_a, "normaliser_per_rank"_a,
         "The vocabulary-sharded row level (tropd::dist::rows_call) on CPU DLPack arrays: this rank's columns "
         "[vocab_start, vocab_start + cols) of the logits; returns a ShardedRowsCall.");
+  m.def("evaluate_fused", &evaluate_fused, "objective"_a, "student_hidden"_a, "student_weight"_a, "bias"_a.none(),
+        "teacher_hidden"_a.none(), "teacher_weight"_a.none(), "teacher_bias"_a.none(), "teacher_logits"_a.none(),
+        "teacher_token_logprobs"_a.none(), "token_ids"_a, "origin"_a, "seq_offsets"_a, "sequence_ids"_a.none(), "old_logprobs"_a.none(),
+        "ref_logprobs"_a.none(), "teacher_topk_ids"_a.none(), "teacher_topk_logprobs"_a.none(), "old_topk_logprobs"_a.none(),
+        "grad_hidden"_a.none(), "grad_weight"_a.none(), "grad_bias"_a.none(), "loss"_a, "stats"_a, "flags"_a.none(), "advantage"_a.none(),
+        "seed"_a, "step"_a, "logit_scale"_a, "softcap"_a, "teacher_logit_scale"_a, "teacher_softcap"_a, "student_temperature"_a,
+        "teacher_temperature"_a, "normaliser"_a, "chunk"_a, "scratch_budget"_a, "threads"_a, "mask_bad_input"_a,
+        "The fused LM head: tropd::host::fused_lm_head on CPU DLPack arrays (grad_weight / grad_bias are ADDED to). Returns "
+        "(status, chunk, scratch_bytes, sweeps), status None or (int(tropd::errc), row, column, message).");
   m.def("evaluate_tokens", &evaluate_tokens, "objective"_a, "student_logprobs"_a, "teacher_logprobs"_a, "origin"_a, "seq_offsets"_a,
         "sequence_ids"_a.none(), "old_logprobs"_a.none(), "student_entropy"_a.none(), "teacher_entropy"_a.none(), "rkl"_a.none(),
         "ref_logprobs"_a.none(), "teacher_topk_ids"_a.none(), "teacher_topk_logprobs"_a.none(), "student_topk_logprobs"_a.none(),

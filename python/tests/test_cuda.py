@@ -43,3 +43,18 @@ def test_cpu_and_cuda_tensors_mixed_is_a_value_error():
     b = padded_batch(seed=72, dtype=torch.float32)
     with pytest.raises(ValueError, match="same device"):
         tt.distill_loss(b["z"].cuda(), b["ids"], b["origin"], objective=tropd.presets.opd(), teacher_logits=b["u"].cuda())
+
+
+def test_fused_lm_head_on_cuda_is_not_implemented():
+    """The fused head has no device binding (include/tropd/gpu/fused_lm_head.cuh is not bound):
+    CUDA tensors raise NotImplementedError, from the public function and from the op itself."""
+    g = torch.Generator().manual_seed(72)
+    h, W = torch.randn(4, 3, generator=g).cuda(), torch.randn(5, 3, generator=g).cuda()
+    ids, origin = torch.tensor([0, 1, 2, 3]).cuda(), torch.full((4,), tropd.STUDENT).cuda()
+    with pytest.raises(NotImplementedError, match="CPU tensors only"):
+        tt.fused_linear_distill_loss(h, W, ids, origin, objective=tropd.presets.opd(), teacher_logits=h @ W.T)
+    with pytest.raises(NotImplementedError, match="no CUDA entry point"):
+        torch.ops.tropd.fused_lm_head(h, W, None, None, None, None, h @ W.T, None, ids.int(), origin.to(torch.uint8),
+                                      torch.tensor([0, 4]).cuda(), None, None, None, None, None, None, None,
+                                      tropd.presets.opd().spec(), 0, 0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0, 1 << 20, False,
+                                      False, False, False)  # fmt: skip

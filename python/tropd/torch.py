@@ -47,6 +47,7 @@ if tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 4
 __all__ = [
     "distill_loss",
     "distill_loss_from_logprobs",
+    "fused_linear_distill_loss",
     "drop_sampled_entry",
     "opd_loss",
     "eopd_loss",
@@ -63,6 +64,8 @@ __all__ = [
     "FLAG_BITS",
     "ROWS_SCHEMA",
     "TOKENS_SCHEMA",
+    "FUSED_SCHEMA",
+    "FUSED_INFO_NAMES",
     "PROMPT",
     "TEACHER",
     "STUDENT",
@@ -399,6 +402,54 @@ def drop_sampled_entry(topk_ids: Tensor, topk_logprobs: Tensor, token_ids: Tenso
     return ids, vals, t
 
 
+@dataclasses.dataclass
+class _Metadata:
+    """The per-row inputs of a row-level call in the op's types (see _row_metadata)."""
+
+    ids: Tensor
+    tags: Tensor
+    offs: Tensor
+    t: Optional[Tensor]
+    tk_ids: Optional[Tensor]
+    tk_lp: Optional[Tensor]
+    old_tk: Optional[Tensor]
+    seq_ids: Optional[Tensor]
+
+
+def _row_metadata(layout, n, dev, token_ids, origin, teacher_token_logprobs, teacher_topk_ids, teacher_topk_logprobs,
+                  topk_sampled_entry, has_teacher_logits, seq_offsets, sequence_ids, old_topk_logprobs) -> _Metadata:  # fmt: skip
+    """Token ids, origin tags, offsets and the teacher's per-row lists of distill_loss and
+    fused_linear_distill_loss, flattened to n rows (shapes checked against `layout`)."""
+    tags = _origin_tags(origin.reshape(n))
+    ids = torch.where(tags == PROMPT, torch.zeros_like(token_ids.reshape(n)), token_ids.reshape(n)).to(torch.int32)
+    if seq_offsets is None:
+        step_T = layout[1] if len(layout) == 2 else n
+        offs = torch.arange(0, n + 1, max(step_T, 1), dtype=torch.int64, device=dev)
+    else:
+        offs = seq_offsets.to(torch.int64)
+    t = _values(teacher_token_logprobs, (n,), "teacher_token_logprobs")
+    tk_ids = tk_lp = None
+    if (teacher_topk_ids is None) != (teacher_topk_logprobs is None):
+        raise ValueError("tropd: teacher_topk_ids and teacher_topk_logprobs go together")
+    if teacher_topk_ids is not None:
+        K = teacher_topk_ids.shape[-1]
+        _check_shape("teacher_topk_ids", teacher_topk_ids, layout + (K,))
+        _check_shape("teacher_topk_logprobs", teacher_topk_logprobs, layout + (K,))
+        tk_ids, tk_lp = teacher_topk_ids.reshape(n, K), teacher_topk_logprobs.reshape(n, K)
+        if topk_sampled_entry:
+            tk_ids, tk_lp, t_lists = drop_sampled_entry(tk_ids, tk_lp, ids)
+            if t is None and not has_teacher_logits:
+                t = t_lists
+            K -= 1
+        tk_ids = tk_ids.to(torch.int32)
+        tk_lp = tk_lp.detach() if tk_lp.dtype in (torch.float32, torch.float64) else tk_lp.detach().float()
+    old_tk = None
+    if old_topk_logprobs is not None:
+        old_tk = _values(old_topk_logprobs, (n, old_topk_logprobs.shape[-1]), "old_topk_logprobs")
+    seq_ids = None if sequence_ids is None else sequence_ids.to(torch.int64)
+    return _Metadata(ids, tags, offs, t, tk_ids, tk_lp, old_tk, seq_ids)
+
+
 def _diagnostics(stats: Tensor, flags: Tensor, adv: Tensor, shape) -> dict:
     d = dict(zip(DIAGNOSTIC_NAMES, stats.unbind(0)))
     d["flags"] = flags.view(shape)
@@ -509,37 +560,12 @@ def distill_loss(
         if teacher_logits.shape[:-1] != student_logits.shape[:-1]:
             _shape_error("teacher_logits", teacher_logits, student_logits.shape)
         tz = teacher_logits.reshape(n, teacher_logits.shape[-1])  # a vocabulary mismatch is reported by the op
-    tags = _origin_tags(origin.reshape(n))
-    ids = torch.where(tags == PROMPT, torch.zeros_like(token_ids.reshape(n)), token_ids.reshape(n)).to(torch.int32)
-    if seq_offsets is None:
-        step_T = layout[1] if len(layout) == 2 else n
-        offs = torch.arange(0, n + 1, max(step_T, 1), dtype=torch.int64, device=dev)
-    else:
-        offs = seq_offsets.to(torch.int64)
-    t = _values(teacher_token_logprobs, (n,), "teacher_token_logprobs")
-    tk_ids = tk_lp = None
-    if (teacher_topk_ids is None) != (teacher_topk_logprobs is None):
-        raise ValueError("tropd: teacher_topk_ids and teacher_topk_logprobs go together")
-    if teacher_topk_ids is not None:
-        K = teacher_topk_ids.shape[-1]
-        _check_shape("teacher_topk_ids", teacher_topk_ids, layout + (K,))
-        _check_shape("teacher_topk_logprobs", teacher_topk_logprobs, layout + (K,))
-        tk_ids, tk_lp = teacher_topk_ids.reshape(n, K), teacher_topk_logprobs.reshape(n, K)
-        if topk_sampled_entry:
-            tk_ids, tk_lp, t_lists = drop_sampled_entry(tk_ids, tk_lp, ids)
-            if t is None and tz is None:
-                t = t_lists
-            K -= 1
-        tk_ids = tk_ids.to(torch.int32)
-        tk_lp = tk_lp.detach() if tk_lp.dtype in (torch.float32, torch.float64) else tk_lp.detach().float()
-    old_tk = None
-    if old_topk_logprobs is not None:
-        old_tk = _values(old_topk_logprobs, (n, old_topk_logprobs.shape[-1]), "old_topk_logprobs")
-    seq_ids = None if sequence_ids is None else sequence_ids.to(torch.int64)
+    m = _row_metadata(layout, n, dev, token_ids, origin, teacher_token_logprobs, teacher_topk_ids, teacher_topk_logprobs,
+                      topk_sampled_entry, tz is not None, seq_offsets, sequence_ids, old_topk_logprobs)  # fmt: skip
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
     loss, _g, stats, flags, adv = torch.ops.tropd.rows(
-        z, tz, t, ids, tags, offs, seq_ids, _values(old_logprobs, (n,), "old_logprobs"),
-        _values(ref_logprobs, (n,), "ref_logprobs"), tk_ids, tk_lp, old_tk, _normaliser_tensor(normaliser, dev),
+        z, tz, m.t, m.ids, m.tags, m.offs, m.seq_ids, _values(old_logprobs, (n,), "old_logprobs"),
+        _values(ref_logprobs, (n,), "ref_logprobs"), m.tk_ids, m.tk_lp, m.old_tk, _normaliser_tensor(normaliser, dev),
         obj.spec(), int(seed), int(step), float(student_temperature), float(teacher_temperature),
         bool(mask_bad_input), compute_grad,
     )  # fmt: skip
@@ -634,6 +660,287 @@ def distill_loss_from_logprobs(
         obj.spec(), int(seed), int(step), bool(mask_bad_input),
     )  # fmt: skip
     return loss, _diagnostics(stats, flags, adv, layout)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused LM head: tropd::fused_lm_head (host::fused_lm_head, docs/fused_lm_head.md)
+# ---------------------------------------------------------------------------------------------
+
+FUSED_SCHEMA = (
+    "(Tensor student_hidden, Tensor student_weight, Tensor? bias, Tensor? teacher_hidden, Tensor? teacher_weight, "
+    "Tensor? teacher_bias, Tensor? teacher_logits, Tensor? teacher_token_logprobs, Tensor token_ids, Tensor origin, "
+    "Tensor seq_offsets, Tensor? sequence_ids, Tensor? old_logprobs, Tensor? ref_logprobs, Tensor? teacher_topk_ids, "
+    "Tensor? teacher_topk_logprobs, Tensor? old_topk_logprobs, Tensor? normaliser, str objective, int seed, int step, "
+    "float logit_scale, float softcap, float teacher_logit_scale, float teacher_softcap, float student_temperature, "
+    "float teacher_temperature, int chunk, int scratch_budget, bool mask_bad_input, bool grad_hidden, bool grad_weight, "
+    "bool grad_bias) "
+    "-> (Tensor loss, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias, Tensor stats, Tensor flags, "
+    "Tensor advantage, Tensor info)"
+)
+_FUSED_NARGS = 33
+#: The entries of the fused op's `info` output (diagnostics "fused_chunk", ...).
+FUSED_INFO_NAMES = ("fused_chunk", "fused_scratch_bytes", "fused_sweeps")
+
+torch.library.define("tropd::fused_lm_head", FUSED_SCHEMA)
+
+
+def _fused_impl(student_hidden, student_weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
+                teacher_token_logprobs, token_ids, origin, seq_offsets, sequence_ids, old_logprobs, ref_logprobs,
+                teacher_topk_ids, teacher_topk_logprobs, old_topk_logprobs, normaliser, objective, seed, step,
+                logit_scale, softcap, teacher_logit_scale, teacher_softcap, student_temperature, teacher_temperature,
+                chunk, scratch_budget, mask_bad_input, grad_hidden, grad_weight, grad_bias):  # fmt: skip
+    n = student_hidden.shape[0]
+    dev, dt = student_hidden.device, student_hidden.dtype
+    loss = torch.empty((), dtype=dt, device=dev)
+    gh = torch.empty(student_hidden.shape, dtype=dt, device=dev) if grad_hidden else None
+    # dL/dW and dL/db are added to by the C++ (one GEMM per chunk accumulates): zeroed here.
+    gw = torch.zeros(student_weight.shape, dtype=dt, device=dev) if grad_weight else None
+    gb = torch.zeros(student_weight.shape[0], dtype=dt, device=dev) if grad_bias else None
+    stats = torch.empty(_NSTATS, dtype=torch.float64, device=dev)
+    flags = torch.empty(n, dtype=torch.uint8, device=dev)
+    adv = torch.empty(n, dtype=dt, device=dev)
+    norm = 0.0 if dev.type != "cpu" else _normaliser_value(normaliser)
+    st, used_chunk, scratch_bytes, sweeps = _C.evaluate_fused(
+        objective, _d(student_hidden), _d(student_weight), _d(bias), _d(teacher_hidden), _d(teacher_weight),
+        _d(teacher_bias), _d(teacher_logits), _d(teacher_token_logprobs), _d(token_ids), _d(origin), _d(seq_offsets),
+        _d(sequence_ids), _d(old_logprobs), _d(ref_logprobs), _d(teacher_topk_ids), _d(teacher_topk_logprobs),
+        _d(old_topk_logprobs), _d(gh), _d(gw), _d(gb), _d(loss), _d(stats), _d(flags), _d(adv), int(seed), int(step),
+        float(logit_scale), float(softcap), float(teacher_logit_scale), float(teacher_softcap),
+        float(student_temperature), float(teacher_temperature), norm, int(chunk), int(scratch_budget),
+        torch.get_num_threads(), bool(mask_bad_input),
+    )  # fmt: skip
+    raise_status(st, seq_offsets if seq_offsets.device.type == "cpu" else None)
+    empty = student_hidden.new_empty((0,))
+    info = torch.tensor([used_chunk, scratch_bytes, sweeps], dtype=torch.int64, device=dev)
+    return (loss, empty if gh is None else gh, empty.clone() if gw is None else gw, empty.clone() if gb is None else gb,
+            stats, flags, adv, info)  # fmt: skip
+
+
+torch.library.impl("tropd::fused_lm_head", "CPU")(_fused_impl)
+# CUDA tensors reach the extension, which answers NotImplementedError (no device binding).
+torch.library.impl("tropd::fused_lm_head", "CUDA")(_fused_impl)
+
+
+@torch.library.register_fake("tropd::fused_lm_head")
+def _fused_fake(student_hidden, student_weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
+                teacher_token_logprobs, token_ids, origin, seq_offsets, sequence_ids, old_logprobs, ref_logprobs,
+                teacher_topk_ids, teacher_topk_logprobs, old_topk_logprobs, normaliser, objective, seed, step,
+                logit_scale, softcap, teacher_logit_scale, teacher_softcap, student_temperature, teacher_temperature,
+                chunk, scratch_budget, mask_bad_input, grad_hidden, grad_weight, grad_bias):  # fmt: skip
+    h = student_hidden
+    n = h.shape[0]
+    return (
+        h.new_empty(()),
+        h.new_empty(h.shape) if grad_hidden else h.new_empty((0,)),
+        h.new_empty(student_weight.shape) if grad_weight else h.new_empty((0,)),
+        h.new_empty((student_weight.shape[0],)) if grad_bias else h.new_empty((0,)),
+        h.new_empty((_NSTATS,), dtype=torch.float64),
+        h.new_empty((n,), dtype=torch.uint8),
+        h.new_empty((n,)),
+        h.new_empty((len(FUSED_INFO_NAMES),), dtype=torch.int64),
+    )
+
+
+def _fused_setup_context(ctx, inputs, output):
+    loss, gh, gw, gb, stats, flags, adv, info = output
+    ctx.computed = (bool(inputs[30]), bool(inputs[31]), bool(inputs[32]))
+    ctx.save_for_backward(gh, gw, gb)
+    ctx.mark_non_differentiable(gh, gw, gb, stats, flags, adv, info)
+    ctx.set_materialize_grads(False)
+
+
+def _fused_backward(ctx, grad_loss, *_unused):
+    gh, gw, gb = ctx.saved_tensors
+    if grad_loss is None:
+        return (None,) * _FUSED_NARGS
+    want_h, want_w, want_b = ctx.computed
+    if (ctx.needs_input_grad[0] and not want_h) or (ctx.needs_input_grad[1] and not want_w) or (
+        ctx.needs_input_grad[2] and not want_b
+    ):
+        raise RuntimeError(
+            "tropd: backward through a fused loss computed without that gradient (the forward ran without grad "
+            "mode or before requires_grad was set)"
+        )
+    # grad_output = 1 (eager, CPU; see _is_eager_one): the saved gradients are the answer. They
+    # are returned as unpacked from the saved tensors (no other reference: the op's outputs are
+    # dropped by fused_linear_distill_loss), so a leaf weight's AccumulateGrad adopts dL/dW
+    # without a copy and the hidden states' consumer only reads dL/dh: no second [V, H] buffer.
+    # An adopted .grad shares the saved tensor's version counter: modified in place, a second
+    # backward through a retained graph is refused. Otherwise the product is a new tensor.
+    if _is_eager_one(grad_loss):
+        return (gh if want_h else None, gw if want_w else None, gb if want_b else None) + (None,) * (_FUSED_NARGS - 3)
+    scale = grad_loss.to(gh.dtype)
+    return (
+        gh * scale if want_h else None,
+        gw * scale if want_w else None,  # a frozen weight: no dL/dW was computed, none is returned
+        gb * scale if want_b else None,
+    ) + (None,) * (_FUSED_NARGS - 3)
+
+
+torch.library.register_autograd("tropd::fused_lm_head", _fused_backward, setup_context=_fused_setup_context)
+
+
+def _head_dtype(name: str, t: Tensor) -> torch.dtype:
+    """The dtype the host fused call computes in for a head of dtype t.dtype: fp32 / fp64 as
+    they are; bf16 / fp16 widened to fp32 (the host GEMMs are fp32 / fp64)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"tropd: {name} must be a torch.Tensor")
+    if t.dtype in (torch.float32, torch.float64):
+        return t.dtype
+    if t.dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    raise ValueError(f"tropd: {name} must be float32, float64, bfloat16 or float16, is {t.dtype}")
+
+
+def fused_linear_distill_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    token_ids: Tensor,
+    origin: Tensor,
+    *,
+    objective: Optional[_presets.Objective] = None,
+    bias: Optional[Tensor] = None,
+    teacher_hidden: Optional[Tensor] = None,
+    teacher_weight: Optional[Tensor] = None,
+    teacher_bias: Optional[Tensor] = None,
+    teacher_logits: Optional[Tensor] = None,
+    teacher_token_logprobs: Optional[Tensor] = None,
+    teacher_topk_ids: Optional[Tensor] = None,
+    teacher_topk_logprobs: Optional[Tensor] = None,
+    topk_sampled_entry: bool = False,
+    seq_offsets: Optional[Tensor] = None,
+    sequence_ids: Optional[Tensor] = None,
+    old_logprobs: Optional[Tensor] = None,
+    old_topk_logprobs: Optional[Tensor] = None,
+    ref_logprobs: Optional[Tensor] = None,
+    seed: int = 0,
+    step: int = 0,
+    logit_scale: float = 1.0,
+    softcap: float = 0.0,
+    teacher_logit_scale: float = 1.0,
+    teacher_softcap: float = 0.0,
+    student_temperature: float = 1.0,
+    teacher_temperature: float = 1.0,
+    chunk: int = 0,
+    scratch_budget: int = 256 << 20,
+    normaliser: Union[None, float, Tensor] = None,
+    mask_bad_input: bool = False,
+) -> tuple[Tensor, dict]:
+    """distill_loss from the student's hidden states and output weight, never holding [n, V]
+    logits (Liger's ``fused_linear_*`` pattern; C++ ``host::fused_lm_head``, CPU tensors).
+
+    The student's logits are ``z = softcap * tanh(logit_scale * (h @ W.T + bias) / softcap)``
+    (no tanh when ``softcap`` is 0), then divided by ``student_temperature`` as in distill_loss.
+    ``student_hidden`` [B, T, H] (padded) or [N, H] (packed), ``student_weight`` [V, H] (the
+    layout of ``nn.Linear(H, V).weight``), ``bias`` [V] optional. Hidden, weight and bias share
+    one dtype: fp32 or fp64 are used as they are; bf16 / fp16 are widened to fp32 (a copy of
+    the weight) and their gradients rounded back by autograd.
+
+    The teacher, one of: its head (``teacher_hidden`` [B, T, H_T] / [N, H_T] and
+    ``teacher_weight`` [V, H_T], ``teacher_bias``, ``teacher_logit_scale``, ``teacher_softcap``;
+    fused too, detached); its logits ``teacher_logits`` [B, T, V] / [N, V]; or, for objectives
+    that do not read its full distribution, its token log-probs ``teacher_token_logprobs`` with
+    top-k lists where the objective has a top-k term (as in distill_loss). The other arguments
+    are distill_loss's.
+
+    Memory: per chunk of ``chunk`` rows (0: the largest whose chunk buffers fit
+    ``scratch_budget`` bytes, default 256 MiB) the call holds the chunk's logits, a teacher
+    head's logits and one gradient row per thread; never [n, V]. The gradients are computed
+    in the forward: dL/dh [n, H], dL/dW [V, H] (only when ``student_weight.requires_grad``: a
+    frozen weight skips its GEMM and gets no gradient), dL/db [V].
+
+    Returns ``(loss, diagnostics)`` as distill_loss, plus ``"fused_chunk"``,
+    ``"fused_scratch_bytes"`` (the bytes of chunk buffers the call allocated) and
+    ``"fused_sweeps"`` (1 or 2: docs/fused_lm_head.md) as 0-d int64 tensors. CUDA tensors raise
+    NotImplementedError (no device binding of the fused head yet).
+    """
+    obj = _objective(objective)
+    h_dt = _head_dtype("student_hidden", student_hidden)
+    w_dt = _head_dtype("student_weight", student_weight)
+    if student_weight.dtype != student_hidden.dtype:
+        raise ValueError(
+            f"tropd: student_weight is {student_weight.dtype} but student_hidden is {student_hidden.dtype} (one dtype for the head)"
+        )
+    if bias is not None and (not isinstance(bias, Tensor) or bias.dtype != student_hidden.dtype):
+        raise ValueError(f"tropd: bias must be a tensor of the hidden states' dtype {student_hidden.dtype}")
+    dev = student_hidden.device
+    if dev.type != "cpu" or student_weight.device.type != "cpu":
+        raise NotImplementedError(
+            "tropd: fused_linear_distill_loss runs on CPU tensors only: the fused LM head has no CUDA binding in this "
+            "extension yet (materialise the logits and use tropd.torch.distill_loss on the GPU)"
+        )
+    if student_hidden.dim() == 3:
+        B, T, H = student_hidden.shape
+        n, layout = B * T, (B, T)
+        if seq_offsets is not None:
+            raise ValueError("tropd: seq_offsets is for the packed layout [N, H]; padded [B, T, H] batches have one sequence per row")
+    elif student_hidden.dim() == 2:
+        n, H = student_hidden.shape
+        layout = (n,)
+    else:
+        raise ValueError(f"tropd: student_hidden must be [B, T, H] or [N, H], got shape {tuple(student_hidden.shape)}")
+    if student_weight.dim() != 2 or student_weight.shape[1] != H:
+        raise ValueError(
+            f"tropd: student_weight must be [V, H] with H = {H} (the hidden states' last dimension), got shape "
+            f"{tuple(student_weight.shape)}"
+        )
+    V = student_weight.shape[0]
+    if bias is not None and tuple(bias.shape) != (V,):
+        raise ValueError(f"tropd: bias has shape {tuple(bias.shape)}, expected ({V},) (one entry per weight row)")
+    for name, x in (("token_ids", token_ids), ("origin", origin)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"tropd: {name} must be a torch.Tensor")
+    if token_ids.is_floating_point() or token_ids.is_complex():
+        raise ValueError(f"tropd: token_ids must be an integer tensor, is {token_ids.dtype}")
+    _check_shape("token_ids", token_ids, layout)
+    _check_shape("origin", origin, layout)
+    _check_device(dev, student_weight=student_weight, bias=bias, token_ids=token_ids, origin=origin,
+                  teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_bias=teacher_bias,
+                  teacher_logits=teacher_logits, teacher_token_logprobs=teacher_token_logprobs,
+                  teacher_topk_ids=teacher_topk_ids, teacher_topk_logprobs=teacher_topk_logprobs, seq_offsets=seq_offsets,
+                  sequence_ids=sequence_ids, old_logprobs=old_logprobs, old_topk_logprobs=old_topk_logprobs,
+                  ref_logprobs=ref_logprobs)  # fmt: skip
+    h = student_hidden.reshape(n, H).to(h_dt)
+    w = student_weight.to(w_dt)
+    b = None if bias is None else bias.to(h_dt)
+    th = tw = tb = tz = None
+    if (teacher_hidden is None) != (teacher_weight is None):
+        raise ValueError("tropd: teacher_hidden and teacher_weight go together (the teacher's head)")
+    if teacher_hidden is not None:
+        _head_dtype("teacher_hidden", teacher_hidden)
+        _head_dtype("teacher_weight", teacher_weight)
+        if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
+            _shape_error("teacher_hidden", teacher_hidden, tuple(student_hidden.shape[:-1]) + (teacher_weight.shape[-1],))
+        th = teacher_hidden.detach().reshape(n, teacher_hidden.shape[-1]).to(h_dt)
+        tw = teacher_weight.detach().to(h_dt)
+        tb = None if teacher_bias is None else teacher_bias.detach().to(h_dt)
+    elif teacher_bias is not None:
+        raise ValueError("tropd: teacher_bias without the teacher's head (teacher_hidden, teacher_weight)")
+    if teacher_logits is not None:
+        _head_dtype("teacher_logits", teacher_logits)
+        if teacher_logits.shape[:-1] != student_hidden.shape[:-1]:
+            _shape_error("teacher_logits", teacher_logits, tuple(student_hidden.shape[:-1]) + (V,))
+        tz = teacher_logits.detach().reshape(n, teacher_logits.shape[-1]).to(h_dt)
+    m = _row_metadata(layout, n, dev, token_ids, origin, teacher_token_logprobs, teacher_topk_ids, teacher_topk_logprobs,
+                      topk_sampled_entry, tz is not None or th is not None, seq_offsets, sequence_ids, old_topk_logprobs)  # fmt: skip
+    if int(chunk) < 0:
+        raise ValueError("tropd: chunk must be >= 0 (0: the largest that fits scratch_budget)")
+    if int(scratch_budget) < 1:
+        raise ValueError("tropd: scratch_budget must be >= 1 byte")
+    grad_on = torch.is_grad_enabled()
+    want_h = grad_on and student_hidden.requires_grad
+    want_w = grad_on and student_weight.requires_grad
+    want_b = grad_on and bias is not None and bias.requires_grad
+    loss, _gh, _gw, _gb, stats, flags, adv, info = torch.ops.tropd.fused_lm_head(
+        h, w, b, th, tw, tb, tz, m.t, m.ids, m.tags, m.offs, m.seq_ids, _values(old_logprobs, (n,), "old_logprobs"),
+        _values(ref_logprobs, (n,), "ref_logprobs"), m.tk_ids, m.tk_lp, m.old_tk, _normaliser_tensor(normaliser, dev),
+        obj.spec(), int(seed), int(step), float(logit_scale), float(softcap), float(teacher_logit_scale),
+        float(teacher_softcap), float(student_temperature), float(teacher_temperature), int(chunk), int(scratch_budget),
+        bool(mask_bad_input), want_h, want_w, want_b,
+    )  # fmt: skip
+    d = _diagnostics(stats, flags, adv, layout)
+    d.update(zip(FUSED_INFO_NAMES, info.unbind(0)))
+    return loss, d
 
 
 # One function per preset: distill_loss with that preset's config built from keyword fields.
