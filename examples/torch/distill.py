@@ -37,18 +37,19 @@ import tropd.torch as ttorch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import task as tk  # noqa: E402
-from model import CausalLM, sample  # noqa: E402
+from model import CausalLM, WindowLM, sample  # noqa: E402
 
 PROMPT, TEACHER, STUDENT = ttorch.PROMPT, ttorch.TEACHER, ttorch.STUDENT
 
 METHODS = ["opd", "eopd", "reopold", "tropd", "fkl_outlier", "mask_outlier", "clip_outlier"]
 GUIDED = {"tropd", "mask_outlier", "clip_outlier"}  # cosine teacher prefixes + guidance (as the C++ demo)
 
-# Each method's Adam learning rate, chosen on the tuning setup (--seed-offset 1000, --lr-grid;
-# docs/results.md, "The same experiment through PyTorch").
+# Each method's Adam learning rate: the C++ demo's tuned ones (examples/demo/experiment.hpp:
+# tuned_lr, chosen there on its tuning setup), taken over because the models are the same window
+# MLP; not re-tuned for this implementation (--lr-grid with --seed-offset 1000 does that).
 TUNED_LR = {
-    "opd": 1e-3,
-    "eopd": 1e-3,
+    "opd": 3e-3,
+    "eopd": 3e-3,
     "reopold": 1e-3,
     "tropd": 1e-3,
     "fkl_outlier": 1e-3,
@@ -165,8 +166,12 @@ def build_setup(o: argparse.Namespace, log) -> Setup:
     held_out: set = set()
     eval_set = tk.distinct_problems(t, o.eval_prompts, np.random.default_rng([o.seed_offset, 1]), held_out)
     torch.manual_seed(o.seed_offset)
-    teacher = CausalLM(t.vocab_size, t.max_sequence, d_model=o.teacher_dim, n_layers=2, n_heads=4).to(dev)
-    student = CausalLM(t.vocab_size, t.max_sequence, d_model=o.student_dim, n_layers=2, n_heads=4).to(dev)
+    if o.arch == "window":
+        teacher = WindowLM(t.vocab_size, t.max_sequence, hidden=o.teacher_dim, pad=t.pad).to(dev)
+        student = WindowLM(t.vocab_size, t.max_sequence, hidden=o.student_dim, pad=t.pad).to(dev)
+    else:
+        teacher = CausalLM(t.vocab_size, t.max_sequence, d_model=o.teacher_dim).to(dev)
+        student = CausalLM(t.vocab_size, t.max_sequence, d_model=o.student_dim).to(dev)
     base = [t.surface_base(v) for v in range(t.vocab_size)]
     teacher.tie_surface_embeddings(base, 0.1, torch.Generator().manual_seed(o.seed_offset * 7 + 1))
     student.tie_surface_embeddings(base, 0.1, torch.Generator().manual_seed(o.seed_offset * 7 + 2))
@@ -268,6 +273,32 @@ class CudaNotSupported(RuntimeError):
     pass
 
 
+def update(student, teacher, opt, x, ids, org, obj, seed: int, step: int):
+    """One optimiser step on a batch: student forward with grad, teacher forward without,
+    tropd.torch.distill_loss on the padded [B, T, V] logits, backward, Adam. Returns the loss,
+    the gradient's L2 norm (before the step) and tropd's diagnostics. The step is skipped (and
+    the caller told through the non-finite values) when the loss or the gradient is not finite."""
+    logits = student(x)  # [B, T, V], with grad
+    with torch.no_grad():
+        tlogits = teacher(x)
+    try:
+        loss, diag = ttorch.distill_loss(logits, ids, org, objective=obj, teacher_logits=tlogits, seed=seed, step=step)
+    except NotImplementedError as e:
+        raise CudaNotSupported(str(e)) from e
+    except ValueError as e:
+        if x.is_cuda:
+            raise CudaNotSupported(str(e)) from e
+        raise
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = [p.grad.norm() for p in student.parameters() if p.grad is not None]
+    gn = float(torch.linalg.vector_norm(torch.stack(grads)))
+    lv = float(loss.detach())
+    if math.isfinite(lv) and math.isfinite(gn):
+        opt.step()
+    return lv, gn, diag
+
+
 def train_run(S: Setup, o: argparse.Namespace, method: str, seed: int, lr: float, init_acc: float, log) -> RunResult:
     t0 = time.perf_counter()
     t, dev = S.task, o.device
@@ -293,37 +324,22 @@ def train_run(S: Setup, o: argparse.Namespace, method: str, seed: int, lr: float
                 origins.append([PROMPT] * len(prompt) + [TEACHER] * l)
             contexts += [prompt + prefix] * o.rollouts
         student.eval()
-        conts = sample(student, contexts, t.max_new_tokens - 0, t.eos, t.pad, 1.0, gen)
+        conts = sample(student, contexts, t.max_new_tokens, t.eos, t.pad, 1.0, gen)
         student.train()
         for c, y in zip(contexts, conts):
             seqs.append(c + y)
             origins.append([PROMPT] * len(c) + [STUDENT] * len(y))
         x, ids, org = padded_batch(seqs, origins, t.pad, dev)
-        logits = student(x)  # [B, T, V], with grad
-        with torch.no_grad():
-            tlogits = teacher(x)
         try:
-            loss, diag = ttorch.distill_loss(logits, ids, org, objective=obj, teacher_logits=tlogits, seed=seed,
-                                             step=step)
-        except NotImplementedError as e:
-            raise CudaNotSupported(str(e)) from e
-        except ValueError as e:
-            if x.is_cuda:
-                raise CudaNotSupported(str(e)) from e
-            raise
+            lv, gn, diag = update(student, teacher, opt, x, ids, org, obj, seed, step)
         except tropd.EvaluationError as e:
             res.diverged, res.why = True, f"tropd: {e}"
             break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gn = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in student.parameters() if p.grad is not None])))
-        lv = float(loss)
         if not (math.isfinite(lv) and math.isfinite(gn)):
             res.diverged, res.why = True, f"non-finite loss or gradient at step {step}"
             break
         res.grad_norms.append(gn)
         res.trust.append(float(diag["trust_fraction"]))
-        opt.step()
         if o.log_every > 0 and ((step + 1) % o.log_every == 0 or step + 1 == o.steps):
             log(f"    {method:<12} seed {seed:<4} step {step + 1:>4}/{o.steps}  loss {lv:+.4f}  |g| {gn:7.3f}  "
                 f"trust {float(diag['trust_fraction']):.3f}  outliers {float(diag['outlier_fraction']):.3f}  "
@@ -377,7 +393,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--methods", default=",".join(METHODS), help="comma list from " + ",".join(METHODS))
     ap.add_argument("--seeds", type=int, default=2, help="seeds per method (default 2)")
     ap.add_argument("--seed-offset", type=int, default=0, help="seeds are K..K+S-1; K also keys the setup (tuning: 1000)")
-    ap.add_argument("--steps", type=int, default=60, help="distillation steps per run (default 60)")
+    ap.add_argument("--steps", type=int, default=100, help="distillation steps per run (default 100)")
     ap.add_argument("--prompts", type=int, default=8, help="prompts per step (default 8)")
     ap.add_argument("--rollouts", type=int, default=4, help="student samples per prompt (default 4)")
     ap.add_argument("--lr", type=float, default=0.0, help="Adam learning rate of every method (default: each its tuned one)")
@@ -387,16 +403,19 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--beta", type=float, default=1e-3, help="off-policy guidance weight (default 1e-3)")
     ap.add_argument("--harmless", type=float, default=0.5, help="student source: surface-variant rate h (default 0.5)")
     ap.add_argument("--harmful", type=float, default=0.15, help="student source: dropped-carry rate e (default 0.15)")
-    ap.add_argument("--teacher-dim", type=int, default=96)
-    ap.add_argument("--student-dim", type=int, default=64)
-    ap.add_argument("--teacher-steps", type=int, default=600, help="teacher SFT steps (default 600)")
-    ap.add_argument("--student-steps", type=int, default=300, help="student SFT steps (default 300)")
-    ap.add_argument("--sft-lr", type=float, default=3e-3)
+    ap.add_argument("--arch", choices=["window", "transformer"], default="window",
+                    help="window: the C++ demo's window MLP (default); transformer: a 2-layer causal transformer")
+    ap.add_argument("--teacher-dim", type=int, default=128, help="teacher hidden width (default 128)")
+    ap.add_argument("--student-dim", type=int, default=64, help="student hidden width (default 64)")
+    ap.add_argument("--teacher-steps", type=int, default=800, help="teacher SFT steps (default 800)")
+    ap.add_argument("--student-steps", type=int, default=600, help="student SFT steps (default 600)")
+    ap.add_argument("--sft-lr", type=float, default=3e-2, help="SFT Adam learning rate (default 3e-2; 3e-3 for --arch transformer)")
     ap.add_argument("--pool", type=int, default=1024, help="training prompts with a teacher response (default 1024)")
     ap.add_argument("--eval-prompts", type=int, default=128, help="held-out prompts (default 128)")
     ap.add_argument("--eval-samples", type=int, default=2, help="T = 1 samples per held-out prompt (default 2)")
     ap.add_argument("--log-every", type=int, default=20, help="progress line every N steps (0: none)")
-    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch.set_num_threads (default 1: these models are too small to gain from more)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     o = ap.parse_args(argv)
     o.methods = [m for m in o.methods.split(",") if m]
