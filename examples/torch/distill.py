@@ -1,6 +1,6 @@
 """The C++ demo's experiment (examples/demo/) through PyTorch and tropd.torch.distill_loss.
 
-    python3 examples/torch/distill.py                 # defaults: a few minutes on 2 CPU cores
+    python3 examples/torch/distill.py                 # defaults: 7 methods x 2 seeds x 100 steps (CPU)
     python3 examples/torch/distill.py --help
 
 1. setup (once, shared by every run): held-out prompts; a teacher transformer trained by
@@ -415,7 +415,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--eval-samples", type=int, default=2, help="T = 1 samples per held-out prompt (default 2)")
     ap.add_argument("--log-every", type=int, default=20, help="progress line every N steps (0: none)")
     ap.add_argument("--threads", type=int, default=1,
-                    help="torch.set_num_threads (default 1: these models are too small to gain from more)")
+                    help="torch.set_num_threads (default 1: these models are too small to gain from more; "
+                         "examples/torch/README.md)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     o = ap.parse_args(argv)
     o.methods = [m for m in o.methods.split(",") if m]
