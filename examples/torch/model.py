@@ -84,7 +84,8 @@ class CausalLM(nn.Module):
 def sample(model: nn.Module, contexts: list[list[int]], max_new: int, eos: int, pad: int, temperature: float,
            generator: torch.Generator | None) -> list[list[int]]:
     """Continues each context (a list of token ids) until EOS, `max_new` tokens or the model's
-    last position (a context with a long teacher prefix has less room): T = 1
+    last position (a context with a long teacher prefix has less room; one that fills every
+    position gets an empty continuation, as tropd/schedules/plan.hpp allows): T = 1
     sampling with torch.multinomial, or greedy decoding with temperature 0. Contexts of
     different lengths are right-padded; each row reads its own last position. Returns the
     continuations (the EOS included when it was sampled)."""
@@ -92,8 +93,8 @@ def sample(model: nn.Module, contexts: list[list[int]], max_new: int, eos: int, 
     B = len(contexts)
     lens = torch.tensor([len(c) for c in contexts], device=device)
     max_len = getattr(model, "max_len", int(lens.max()) + max_new)
-    if int(lens.max()) >= max_len:
-        raise ValueError(f"a context of {int(lens.max())} tokens leaves no room in the model's {max_len} positions")
+    if int(lens.max()) > max_len:
+        raise ValueError(f"a context of {int(lens.max())} tokens is longer than the model's {max_len} positions")
     limit = torch.clamp(lens + max_new, max=max_len)  # each row's end: the budget or the model's last position
     T = int(limit.max())
     buf = torch.full((B, T), pad, dtype=torch.long, device=device)
@@ -103,6 +104,8 @@ def sample(model: nn.Module, contexts: list[list[int]], max_new: int, eos: int, 
     done = cur >= limit
     rows = torch.arange(B, device=device)
     for _ in range(max_new):
+        if bool(done.all()):
+            break
         width = int(cur.max())
         logits = model(buf[:, :width])[rows, cur - 1].float()
         if temperature > 0:
@@ -111,9 +114,8 @@ def sample(model: nn.Module, contexts: list[list[int]], max_new: int, eos: int, 
         else:
             nxt = logits.argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-        buf[rows, cur] = nxt
-        cur = cur + (~done).long()
+        live = ~done
+        buf[rows[live], cur[live]] = nxt[live]
+        cur = cur + live.long()
         done = done | (nxt == eos) | (cur >= limit)
-        if bool(done.all()):
-            break
     return [buf[i, len(c) : int(cur[i])].tolist() for i, c in enumerate(contexts)]

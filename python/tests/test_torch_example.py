@@ -160,3 +160,18 @@ def test_unknown_method_is_a_clear_error():
         distill.parse(["--methods", "opd,nope"])
     with pytest.raises(ValueError, match="unknown method"):
         distill.objective("nope", distill.parse([]))
+
+
+def test_sampler_stops_at_the_models_last_position():
+    # A context with a full teacher prefix may leave little or no room: the continuation ends at
+    # the model's last position (empty when the context fills it), never past it.
+    torch.manual_seed(0)
+    m = WindowLM(T.vocab_size, T.max_sequence, hidden=8, pad=T.pad)
+    with torch.no_grad():
+        m.head.bias.fill_(-100.0)
+        m.head.bias[3] = 100.0  # always token 3: never EOS
+    full, short, room2 = [1] * T.max_sequence, [1] * 5, [1] * (T.max_sequence - 2)
+    out = sample(m, [full, short, room2], T.max_new_tokens, T.eos, T.pad, 1.0, torch.Generator().manual_seed(0))
+    assert out[0] == [] and out[1] == [3] * T.max_new_tokens and out[2] == [3, 3]
+    greedy = sample(m, [short], 4, T.eos, T.pad, 0.0, None)
+    assert greedy == [[3, 3, 3, 3]]
