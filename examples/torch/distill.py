@@ -3,10 +3,10 @@
     python3 examples/torch/distill.py                 # defaults: 7 methods x 2 seeds x 100 steps (CPU)
     python3 examples/torch/distill.py --help
 
-1. setup (once, shared by every run): held-out prompts; a teacher transformer trained by
-   supervised learning on correct canonical solutions whose contexts are rewritten in other
-   surface forms (it reads every notation, writes one); a smaller student transformer trained
-   on a noisier source (harmless surface variants h = 0.5, dropped carries e = 0.15); a pool of
+1. setup (once, shared by every run): held-out prompts; a teacher (the C++ demo's window MLP
+   as an nn.Module; --arch transformer for a causal transformer) trained by supervised learning
+   on correct canonical solutions whose contexts are rewritten in other surface forms (it reads
+   every notation, writes one); a smaller student trained on a noisier source (harmless surface variants h = 0.5, dropped carries e = 0.15); a pool of
    training prompts, each with one teacher response sampled at T = 1 before training (the
    off-policy guidance of the guided methods);
 2. every (method, seed) run starts from the same student with a fresh Adam and runs the same
@@ -270,7 +270,7 @@ class RunResult:
 
 
 class CudaNotSupported(RuntimeError):
-    pass
+    """tropd refused the CUDA tensors of --device cuda (main() reports it and exits with 2)."""
 
 
 def update(student, teacher, opt, x, ids, org, obj, seed: int, step: int):
@@ -283,10 +283,8 @@ def update(student, teacher, opt, x, ids, org, obj, seed: int, step: int):
         tlogits = teacher(x)
     try:
         loss, diag = ttorch.distill_loss(logits, ids, org, objective=obj, teacher_logits=tlogits, seed=seed, step=step)
-    except NotImplementedError as e:
-        raise CudaNotSupported(str(e)) from e
-    except ValueError as e:
-        if x.is_cuda:
+    except (NotImplementedError, ValueError) as e:
+        if x.is_cuda:  # this build of tropd does not evaluate CUDA tensors (docs/python.md, "CUDA")
             raise CudaNotSupported(str(e)) from e
         raise
     opt.zero_grad(set_to_none=True)
