@@ -36,7 +36,7 @@ tropd::status TROPD_PY_GPU_ROWS(const objective_spec& spec, const rows_call& c, 
   if (bytes_only) {
     out.loss = &size_loss;
     out.diag = &size_diag;
-  } else {
+  } else if (base != nullptr) {
     out.loss = reinterpret_cast<double*>(base + binding_layout::loss);
     out.diag = reinterpret_cast<tropd::diagnostics*>(base + binding_layout::diag);
   }
@@ -57,7 +57,7 @@ tropd::status TROPD_PY_GPU_ROWS(const objective_spec& spec, const rows_call& c, 
       // launch, whatever the scratch).
       if (L.lib_bytes != 0 && (scratch == nullptr || scratch_bytes < L.total()))
         return tropd::make_error(tropd::errc::insufficient_scratch, "the scratch tensor is smaller than the scratch-size query asked for");
-      const tg::device_context ctx{base == nullptr ? nullptr : base + binding_layout::lib, L.lib_bytes, reinterpret_cast<cudaStream_t>(stream)};
+      const tg::device_context ctx{base != nullptr ? base + binding_layout::lib : nullptr, L.lib_bytes, reinterpret_cast<cudaStream_t>(stream)};
       TROPD_TRY(tg::evaluate_rows(ctx, obj, student, teacher, c.in, out, opt));
       return finish(scratch, stream, res);
     };

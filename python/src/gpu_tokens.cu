@@ -15,8 +15,8 @@ tropd::status tokens(const objective_spec& spec, const tokens_call& c, void* scr
   opt.bad_input = c.opt.bad_input;
   unsigned char* const base = static_cast<unsigned char*>(scratch);
   tropd::token_outputs out = c.out;
-  out.loss = bytes_only ? nullptr : reinterpret_cast<double*>(base + binding_layout::loss);
-  out.diag = bytes_only ? nullptr : reinterpret_cast<tropd::diagnostics*>(base + binding_layout::diag);
+  out.loss = base != nullptr ? reinterpret_cast<double*>(base + binding_layout::loss) : nullptr;
+  out.diag = base != nullptr ? reinterpret_cast<tropd::diagnostics*>(base + binding_layout::diag) : nullptr;
   return visit_objective(spec, c.normaliser, error, [&](const auto& obj) -> tropd::status {
     using Obj = std::decay_t<decltype(obj)>;
     if constexpr (Obj::has_dense) {
