@@ -48,7 +48,8 @@ def run_rows(cfg, b, device, dtype, *, layout="padded", step=0, **kw):
         args["ref_logprobs"] = b["ref"].to(device)
     if layout == "packed":
         args["seq_offsets"] = b["seq_offsets"].to(device)
-    args.update({k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+    # Tensors go to `device`, except the normaliser (a CPU tensor is a case of its own).
+    args.update({k: (v.to(device) if isinstance(v, torch.Tensor) and k != "normaliser" else v) for k, v in kw.items()})
     loss, diag = tt.distill_loss(z, b["ids"].to(device), b["origin"].to(device), **args)
     loss.backward()
     assert z.grad is not None and z.grad.dtype == dtype and z.grad.device == z.device
@@ -154,7 +155,7 @@ def test_temperatures_and_fp16_fp64():
         loss_g, grad_g, diag_g = run_rows(cfg, b, "cuda", dtype, **kw)
         loss_c, grad_c, diag_c = run_rows(cfg, b, "cpu", dtype, **kw)
         assert torch.equal(diag_g["flags"], diag_c["flags"])
-        tol = 1e-10 if dtype == torch.float64 else 1e-5
+        tol = 1e-9 if dtype == torch.float64 else 1e-5
         torch.testing.assert_close(loss_g, loss_c, rtol=tol, atol=tol)
         close_grad(grad_g, grad_c.double(), torch.bfloat16 if dtype == torch.float16 else torch.float32, str(dtype))
 
