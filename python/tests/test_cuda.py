@@ -42,7 +42,7 @@ def needs_cuda_build():
 
 def run_rows(cfg, b, device, dtype, *, layout="padded", step=0, **kw):
     """distill_loss on `device` with logits of `dtype`: (loss, dL/dz, diagnostics) on the CPU."""
-    z = b["z"].to(dtype).to(device).requires_grad_()
+    z = b["z"].to(dtype).to(device).detach().clone().requires_grad_()  # never the batch's own tensor
     args = dict(objective=cfg, teacher_logits=b["u"].to(dtype).to(device), old_logprobs=b["s_old"].to(device), seed=5, step=step)
     if cfg.preset == "gopd":
         args["ref_logprobs"] = b["ref"].to(device)
@@ -214,8 +214,8 @@ def token_inputs(b: dict, k: int):
 
 def run_tokens(cfg, x, device, dtype, *, step=0, packed=False):
     info = cfg.info
-    s = x["s"].to(dtype).to(device).requires_grad_()
-    sk = x["topk_student"].to(dtype).to(device).requires_grad_()
+    s = x["s"].to(dtype).to(device).detach().clone().requires_grad_()  # never the batch's own tensors
+    sk = x["topk_student"].to(dtype).to(device).detach().clone().requires_grad_()
     on = lambda key: x[key].to(dtype).to(device)  # noqa: E731
     kw = dict(objective=cfg, old_logprobs=on("s_old"), seed=7, step=step)
     if packed:
