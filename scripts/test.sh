@@ -25,7 +25,7 @@
 #            build/python/<wheel tag>, kept between runs, so a rerun rebuilds only what
 #            changed), then pytest python/tests (each test counts in the summary; CUDA tests
 #            are skipped without a GPU). When nvcc is found it also compiles the extension's
-#            CUDA dispatch (python/src/gpu.cu) in build/python-cuda (one more "passed").
+#            CUDA dispatch (python/src/gpu*.cu) in build/python-cuda (one more "passed").
 #            TROPD_PYTHON (default python3) picks the interpreter.
 #   dist     TROPD_BUILD_DIST_TESTS=ON in build/dist: builds only the distributed tests
 #            (tests/dist) and runs ctest -L dist: tropd-mpi-tests under mpiexec -np 1, 2, 3
@@ -295,17 +295,19 @@ stage_python() {
     return
   fi
   # The extension's CUDA dispatch, compiled by nvcc (it cannot run here without a GPU): only its
-  # object file, so the stage does not build the whole extension twice.
+  # object files (python/src/gpu*.cu), so the stage does not build the whole extension twice.
   local nvcc
   if nvcc=$(find_nvcc); then
     local clog="$LOG_DIR/python-cuda.log"
+    local cuda_objects=() cu
+    for cu in python/src/gpu*.cu; do cuda_objects+=("python/CMakeFiles/_C.dir/src/$(basename "$cu").o"); done
     if cmake -S . -B build/python-cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DTROPD_BUILD_PYTHON=ON \
         -DTROPD_PYTHON_CUDA=ON -DCMAKE_CUDA_COMPILER="$nvcc" -DCMAKE_CUDA_ARCHITECTURES="80;90" \
         -DTROPD_BUILD_TESTS=OFF -DTROPD_BUILD_BENCHMARKS=OFF -DTROPD_BUILD_EXAMPLES=OFF -DTROPD_INSTALL=OFF \
         -DPython_EXECUTABLE="$(command -v "$py")" >"$clog" 2>&1 &&
-      cmake --build build/python-cuda -j "$JOBS" --target python/CMakeFiles/_C.dir/src/gpu.cu.o >>"$clog" 2>&1; then
+      cmake --build build/python-cuda -j "$JOBS" --target "${cuda_objects[@]}" >>"$clog" 2>&1; then
       total_passed=$((total_passed + 1))
-      echo "python: python/src/gpu.cu compiled with nvcc"
+      echo "python: the CUDA dispatch (python/src/gpu*.cu) compiled with nvcc for sm_80 and sm_90"
     else
       tail -n 40 "$clog" >&2
       note_failure "python: the extension's CUDA dispatch does not compile (see $clog)"

@@ -15,6 +15,15 @@
 
 namespace tropd_py {
 
+/// The refusal of a served teacher (token log-probs) for an objective that reads the teacher's
+/// full distribution, on either device (the headers' own check is the same rule).
+inline constexpr const char* needs_teacher_logits =
+    "this objective reads the teacher's full distribution (entropy, KL or a dense term): pass teacher logits";
+
+/// The refusal of the token level for an objective with a full-vocabulary term (GKD), on
+/// either device.
+inline constexpr const char* needs_logits = "objective has a full-vocabulary term: it needs logits (use distill_loss)";
+
 /// Element type of a logits matrix (the student's; a teacher's must be the same).
 enum class logit_type : int { f32 = 0, f64 = 1, bf16 = 2, f16 = 3 };
 

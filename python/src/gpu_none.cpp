@@ -4,13 +4,20 @@
 
 namespace tropd_py::gpu {
 
+bool not_implemented(const tropd::status& st) noexcept { return st.code == tropd::errc::unsupported && st.detail == not_bound; }
 bool compiled() noexcept { return false; }
-size_t rows_scratch_bytes(const objective_spec&, const rows_call&) { return 0; }
-size_t tokens_scratch_bytes(const objective_spec&, const tokens_call&) { return 0; }
-tropd::status rows(const objective_spec&, const rows_call&, void*, size_t, uintptr_t, std::string*) {
+tropd::status rows_scratch_bytes(const objective_spec&, const rows_call&, size_t* bytes, std::string*) {
+  *bytes = 0;
   return tropd::make_error(tropd::errc::unsupported, not_bound);
 }
-tropd::status tokens(const objective_spec&, const tokens_call&, void*, size_t, uintptr_t, std::string*) {
+tropd::status tokens_scratch_bytes(const objective_spec&, const tokens_call&, size_t* bytes, std::string*) {
+  *bytes = 0;
+  return tropd::make_error(tropd::errc::unsupported, not_bound);
+}
+tropd::status rows(const objective_spec&, const rows_call&, void*, size_t, uintptr_t, const device_results&, std::string*) {
+  return tropd::make_error(tropd::errc::unsupported, not_bound);
+}
+tropd::status tokens(const objective_spec&, const tokens_call&, void*, size_t, uintptr_t, const device_results&, std::string*) {
   return tropd::make_error(tropd::errc::unsupported, not_bound);
 }
 

@@ -5,21 +5,24 @@
 // (dtype, rank, shape, strides, device) and turned into tropd's views without a copy; outputs
 // are caller-allocated arrays that tropd writes. No libtorch, no allocation of [n x V] data.
 //
-//   evaluate_rows(...)    host::evaluate_rows (CPU arrays) or gpu::rows (CUDA arrays)
-//   evaluate_tokens(...)  host::evaluate_tokens (CPU) or gpu::tokens (CUDA)
+//   evaluate_rows(...)    host::evaluate_rows (CPU arrays) or gpu::rows (CUDA arrays: tropd::gpu::evaluate_rows)
+//   evaluate_tokens(...)  host::evaluate_tokens (CPU) or gpu::tokens (CUDA: tropd::gpu::evaluate_tokens)
+//   rows_scratch_bytes(...), tokens_scratch_bytes(...)  the CUDA path's scratch for the same arguments
 //   objective_info(spec)  what the objective reads (top-k width, teacher logits, ...)
 //   preset_defaults(name) the preset's fields and default values, as the C++ config has them
 //   diagnostic_names()    the order of the diagnostics vector the evaluations write
 //
 // Argument errors found here raise ValueError (TypeError for a non-array). A failed tropd
 // status is returned to Python as a tuple (int(errc), row, column, message) and raised there
-// (python/tropd/_errors.py); "no device entry point" raises NotImplementedError.
+// (python/tropd/_errors.py); what the device backend does not do (gpu::not_implemented) raises
+// NotImplementedError.
 #include <stdint.h>
 
 #include <cmath>
 #include <cstring>
 #include <memory>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -36,6 +39,7 @@
 #include "calls.hpp"
 #include "dist.hpp"
 #include "gpu.hpp"
+#include "stats.hpp"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -67,37 +71,6 @@ const std::vector<std::string>& diagnostic_names() {
   return names;
 }
 
-void write_stats(const tropd::diagnostics& d, double* s) {
-  const double v[] = {d.loss,
-                      d.loss_trust,
-                      d.loss_outlier,
-                      d.loss_guidance,
-                      d.loss_dense,
-                      d.normaliser,
-                      double(d.n_tokens),
-                      double(d.n_student),
-                      double(d.n_teacher),
-                      double(d.n_counted),
-                      double(d.n_kept),
-                      double(d.n_trusted),
-                      double(d.n_outlier),
-                      double(d.n_zero_teacher_mass),
-                      double(d.n_masked_input),
-                      d.trust_fraction,
-                      d.outlier_fraction,
-                      d.adv_clip_fraction,
-                      d.ratio_clip_fraction,
-                      d.mean_R_trusted,
-                      d.mean_R_outlier,
-                      d.tv_estimate,
-                      d.mean_student_entropy,
-                      d.mean_teacher_entropy,
-                      d.mean_topk_teacher_mass,
-                      d.mean_topk_student_mass,
-                      d.mean_rkl};
-  static_assert(sizeof v / sizeof v[0] == 27);
-  std::memcpy(s, v, sizeof v);
-}
 
 // ---------------------------------------------------------------------------
 // Array checks: every failure is a ValueError naming the argument.
@@ -255,11 +228,10 @@ class host_copies {
 };
 
 /// The result of a call: None, or (int(errc), row, column, message) for a failed status
-/// (code -1: no device entry point, NotImplementedError).
+/// (code -1: not done by the device backend, NotImplementedError).
 nb::object result(const tropd::status& st, const std::string& spec_error) {
   if (st.ok()) return nb::none();
-  if (st.code == tropd::errc::unsupported && st.detail == gpu::not_bound)
-    return nb::make_tuple(-1, st.row, st.col, std::string("tropd: ") + gpu::not_bound);
+  if (gpu::not_implemented(st)) return nb::make_tuple(-1, st.row, st.col, std::string("tropd: ") + st.detail);
   std::string msg = st.message();
   if (!spec_error.empty()) msg = "tropd: invalid parameter: " + spec_error;
   return nb::make_tuple(int(st.code), st.row, st.col, msg);
@@ -270,6 +242,45 @@ objective_spec parse(const std::string& text) {
   std::string err;
   if (!parse_spec(text, s, err)) throw nb::value_error(("tropd: " + err).c_str());
   return s;
+}
+
+// ---------------------------------------------------------------------------
+// The CUDA path's pieces (the scratch, the results), shared by both levels
+// ---------------------------------------------------------------------------
+
+void require_cuda_build() {
+  if (!gpu::compiled())
+    throw nb::value_error(
+        "tropd: CUDA tensors need the extension's CUDA build (pip install . with -C cmake.define.TROPD_PYTHON_CUDA=ON); this build is CPU only");
+}
+
+/// The caller's scratch: a contiguous uint8 tensor on the call's device (None: no scratch).
+struct device_scratch {
+  void* data = nullptr;
+  size_t bytes = 0;
+  device_scratch(const opt_out& scratch, device_of_call& dev) {
+    if (!scratch) return;
+    dev.check("scratch", *scratch);
+    check_vector("scratch", *scratch, -1);
+    if (!is(scratch->dtype(), nb::dlpack::dtype_code::UInt, 8)) bad("scratch", "must be uint8, is " + dtype_name(scratch->dtype()));
+    data = scratch->data();
+    bytes = scratch->nbytes();
+  }
+};
+
+/// The caller's loss and stats tensors (checked by the call's arguments) for the device.
+gpu::device_results results_of(const out_array& loss, const out_array& stats) {
+  gpu::device_results r;
+  r.loss = loss.data();
+  r.loss_f64 = is_f64(loss.dtype());
+  r.stats = static_cast<double*>(stats.data());
+  return r;
+}
+
+/// A scratch-size query's answer: the bytes, or the failed status tuple (raised in Python).
+nb::object scratch_answer(const tropd::status& st, size_t bytes, const std::string& spec_error) {
+  if (!st.ok()) return result(st, spec_error);
+  return nb::int_(bytes);
 }
 
 // ---------------------------------------------------------------------------
@@ -383,19 +394,12 @@ nb::object evaluate_rows(const std::string& objective, const array& student, con
   std::string spec_error;
   tropd::status st;
   if (dev.type == dev_cuda) {
-    if (!gpu::compiled())
-      throw nb::value_error(
-          "tropd: CUDA tensors need the extension's CUDA build (pip install . with -C cmake.define.TROPD_PYTHON_CUDA=ON); this build is CPU only");
-    void* scr = nullptr;
-    size_t scr_bytes = 0;
-    if (scratch) {
-      dev.check("scratch", *scratch);
-      scr = scratch->data();
-      scr_bytes = scratch->nbytes();
-    }
+    require_cuda_build();
+    const device_scratch scr(scratch, dev);
+    const gpu::device_results res = results_of(loss, stats);
     {
       nb::gil_scoped_release release;
-      st = gpu::rows(spec, c, scr, scr_bytes, stream, &spec_error);
+      st = gpu::rows(spec, c, scr.data, scr.bytes, stream, res, &spec_error);
     }
     return result(st, spec_error);
   }
@@ -426,16 +430,14 @@ nb::object evaluate_rows(const std::string& objective, const array& student, con
   return result(st, spec_error);
 }
 
-nb::object evaluate_tokens(const std::string& objective, const array& s, const array& t, const array& origin, const array& seq_offsets,
-                           const opt_array& sequence_ids, const opt_array& s_old, const opt_array& student_entropy,
-                           const opt_array& teacher_entropy, const opt_array& rkl, const opt_array& ref, const opt_array& topk_ids,
-                           const opt_array& topk_teacher, const opt_array& topk_student, const opt_array& topk_student_old,
-                           const out_array& loss, const out_array& stats, const opt_out& dloss_ds, const opt_out& dloss_dtopk,
-                           const opt_out& flags, const opt_out& advantage, uint64_t seed, uint64_t step, double normaliser,
-                           bool mask_bad_input, const opt_out& scratch, uintptr_t stream) {
-  const objective_spec spec = parse(objective);
-  device_of_call dev;
-  tokens_call c;
+/// evaluate_tokens' arguments, checked and turned into a tokens_call (shared with the scratch query).
+void tokens_arguments(tokens_call& c, device_of_call& dev, const array& s, const array& t, const array& origin, const array& seq_offsets,
+                      const opt_array& sequence_ids, const opt_array& s_old, const opt_array& student_entropy,
+                      const opt_array& teacher_entropy, const opt_array& rkl, const opt_array& ref, const opt_array& topk_ids,
+                      const opt_array& topk_teacher, const opt_array& topk_student, const opt_array& topk_student_old,
+                      const out_array& loss, const out_array& stats, const opt_out& dloss_ds, const opt_out& dloss_dtopk,
+                      const opt_out& flags, const opt_out& advantage, uint64_t seed, uint64_t step, double normaliser,
+                      bool mask_bad_input) {
   auto& b = c.batch;
   b.s = values("student_logprobs", opt_array(s), -1, dev);
   const index_t n = b.s.size;
@@ -483,23 +485,32 @@ nb::object evaluate_tokens(const std::string& objective, const array& s, const a
   c.opt.step = step;
   c.opt.bad_input = mask_bad_input ? tropd::host::input_policy::mask : tropd::host::input_policy::reject;
   c.normaliser = normaliser;
+}
+
+nb::object evaluate_tokens(const std::string& objective, const array& s, const array& t, const array& origin, const array& seq_offsets,
+                           const opt_array& sequence_ids, const opt_array& s_old, const opt_array& student_entropy,
+                           const opt_array& teacher_entropy, const opt_array& rkl, const opt_array& ref, const opt_array& topk_ids,
+                           const opt_array& topk_teacher, const opt_array& topk_student, const opt_array& topk_student_old,
+                           const out_array& loss, const out_array& stats, const opt_out& dloss_ds, const opt_out& dloss_dtopk,
+                           const opt_out& flags, const opt_out& advantage, uint64_t seed, uint64_t step, double normaliser,
+                           bool mask_bad_input, const opt_out& scratch, uintptr_t stream) {
+  const objective_spec spec = parse(objective);
+  device_of_call dev;
+  tokens_call c;
+  tokens_arguments(c, dev, s, t, origin, seq_offsets, sequence_ids, s_old, student_entropy, teacher_entropy, rkl, ref, topk_ids,
+                   topk_teacher, topk_student, topk_student_old, loss, stats, dloss_ds, dloss_dtopk, flags, advantage, seed, step,
+                   normaliser, mask_bad_input);
+  auto& b = c.batch;
 
   std::string spec_error;
   tropd::status st;
   if (dev.type == dev_cuda) {
-    if (!gpu::compiled())
-      throw nb::value_error(
-          "tropd: CUDA tensors need the extension's CUDA build (pip install . with -C cmake.define.TROPD_PYTHON_CUDA=ON); this build is CPU only");
-    void* scr = nullptr;
-    size_t scr_bytes = 0;
-    if (scratch) {
-      dev.check("scratch", *scratch);
-      scr = scratch->data();
-      scr_bytes = scratch->nbytes();
-    }
+    require_cuda_build();
+    const device_scratch scr(scratch, dev);
+    const gpu::device_results res = results_of(loss, stats);
     {
       nb::gil_scoped_release release;
-      st = gpu::tokens(spec, c, scr, scr_bytes, stream, &spec_error);
+      st = gpu::tokens(spec, c, scr.data, scr.bytes, stream, res, &spec_error);
     }
     return result(st, spec_error);
   }
@@ -520,6 +531,52 @@ nb::object evaluate_tokens(const std::string& objective, const array& s, const a
     write_stats(diag, static_cast<double*>(stats.data()));
   }
   return result(st, spec_error);
+}
+
+/// The CUDA path's scratch size for evaluate_rows with these arguments (bytes, or a failed
+/// status tuple); Python allocates it as a uint8 tensor on the logits' device.
+nb::object rows_scratch_bytes(const std::string& objective, const array& student, const opt_array& teacher_logits,
+                              const opt_array& teacher_token_logprobs, const array& token_ids, const array& origin,
+                              const array& seq_offsets, const opt_array& sequence_ids, const opt_array& old_logprobs,
+                              const opt_array& ref_logprobs, const opt_array& topk_ids, const opt_array& topk_logprobs,
+                              const opt_array& old_topk_logprobs, const opt_out& grad, const out_array& loss, const out_array& stats,
+                              const opt_out& flags, const opt_out& advantage, const opt_out& dloss_ds, uint64_t seed, uint64_t step,
+                              double student_temperature, double teacher_temperature, double normaliser, int threads,
+                              bool mask_bad_input) {
+  const objective_spec spec = parse(objective);
+  device_of_call dev;
+  rows_call c;
+  rows_arguments(c, dev, student, teacher_logits, teacher_token_logprobs, token_ids, origin, seq_offsets, sequence_ids, old_logprobs,
+                 ref_logprobs, topk_ids, topk_logprobs, old_topk_logprobs, grad, loss, stats, flags, advantage, dloss_ds, seed, step,
+                 student_temperature, teacher_temperature, normaliser, threads, mask_bad_input);
+  if (dev.type != dev_cuda) bad("student_logits", "the scratch-size query is for CUDA tensors (the CPU path needs no scratch)");
+  require_cuda_build();
+  size_t bytes = 0;
+  std::string spec_error;
+  const tropd::status st = gpu::rows_scratch_bytes(spec, c, &bytes, &spec_error);
+  return scratch_answer(st, bytes, spec_error);
+}
+
+/// The same for evaluate_tokens.
+nb::object tokens_scratch_bytes(const std::string& objective, const array& s, const array& t, const array& origin,
+                                const array& seq_offsets, const opt_array& sequence_ids, const opt_array& s_old,
+                                const opt_array& student_entropy, const opt_array& teacher_entropy, const opt_array& rkl,
+                                const opt_array& ref, const opt_array& topk_ids, const opt_array& topk_teacher,
+                                const opt_array& topk_student, const opt_array& topk_student_old, const out_array& loss,
+                                const out_array& stats, const opt_out& dloss_ds, const opt_out& dloss_dtopk, const opt_out& flags,
+                                const opt_out& advantage, uint64_t seed, uint64_t step, double normaliser, bool mask_bad_input) {
+  const objective_spec spec = parse(objective);
+  device_of_call dev;
+  tokens_call c;
+  tokens_arguments(c, dev, s, t, origin, seq_offsets, sequence_ids, s_old, student_entropy, teacher_entropy, rkl, ref, topk_ids,
+                   topk_teacher, topk_student, topk_student_old, loss, stats, dloss_ds, dloss_dtopk, flags, advantage, seed, step,
+                   normaliser, mask_bad_input);
+  if (dev.type != dev_cuda) bad("student_logprobs", "the scratch-size query is for CUDA tensors (the CPU path needs no scratch)");
+  require_cuda_build();
+  size_t bytes = 0;
+  std::string spec_error;
+  const tropd::status st = gpu::tokens_scratch_bytes(spec, c, &bytes, &spec_error);
+  return scratch_answer(st, bytes, spec_error);
 }
 
 /// What an objective reads: a dict (raises ValueError for a bad spec).
@@ -780,6 +837,7 @@ NB_MODULE(_C, m) {
   m.doc() = "tropd's compiled core: DLPack arrays in, tropd::host (and, when built with CUDA, tropd::gpu) evaluations out";
   m.attr("__version__") = TROPD_VERSION_STRING;
   m.attr("cuda_compiled") = gpu::compiled();
+  if (diagnostic_names().size() != size_t(n_stats)) throw std::logic_error("tropd: diagnostic_names() and stats.hpp disagree");
   m.def("diagnostic_names", &diagnostic_names);
   m.def("objective_info", &objective_info, "objective"_a);
   m.def("preset_defaults", &preset_defaults, "name"_a);
@@ -794,6 +852,13 @@ NB_MODULE(_C, m) {
         "teacher_temperature"_a, "normaliser"_a, "threads"_a, "mask_bad_input"_a, "scratch"_a.none(), "stream"_a,
         "Row level: tropd::host::evaluate_rows on DLPack arrays (outputs are written in place). Returns None, or "
         "(int(tropd::errc), row, column, message) for a failed tropd status.");
+  m.def("rows_scratch_bytes", &rows_scratch_bytes, "objective"_a, "student_logits"_a, "teacher_logits"_a.none(),
+        "teacher_token_logprobs"_a.none(), "token_ids"_a, "origin"_a, "seq_offsets"_a, "sequence_ids"_a.none(), "old_logprobs"_a.none(),
+        "ref_logprobs"_a.none(), "teacher_topk_ids"_a.none(), "teacher_topk_logprobs"_a.none(), "old_topk_logprobs"_a.none(),
+        "grad"_a.none(), "loss"_a, "stats"_a, "flags"_a.none(), "advantage"_a.none(), "dloss_ds"_a.none(), "seed"_a, "step"_a,
+        "student_temperature"_a, "teacher_temperature"_a, "normaliser"_a, "threads"_a, "mask_bad_input"_a,
+        "CUDA arrays: the bytes of the uint8 scratch evaluate_rows needs with the same arguments (tropd::gpu::"
+        "evaluate_rows_scratch_bytes plus the binding's 256), or a failed status tuple.");
   nb::class_<sharded_rows_call>(m, "ShardedRowsCall",
                                 "A vocabulary-sharded evaluate_rows in progress (tropd/dist/rows.hpp): run each exchange next() "
                                 "returns as an all-gather among its group, then finish().")
@@ -823,4 +888,10 @@ NB_MODULE(_C, m) {
         "advantage"_a.none(), "seed"_a, "step"_a, "normaliser"_a, "mask_bad_input"_a, "scratch"_a.none(), "stream"_a,
         "Token level: tropd::host::evaluate_tokens on DLPack arrays (outputs are written in place). Returns None, or "
         "(int(tropd::errc), row, column, message) for a failed tropd status.");
+  m.def("tokens_scratch_bytes", &tokens_scratch_bytes, "objective"_a, "student_logprobs"_a, "teacher_logprobs"_a, "origin"_a,
+        "seq_offsets"_a, "sequence_ids"_a.none(), "old_logprobs"_a.none(), "student_entropy"_a.none(), "teacher_entropy"_a.none(),
+        "rkl"_a.none(), "ref_logprobs"_a.none(), "teacher_topk_ids"_a.none(), "teacher_topk_logprobs"_a.none(),
+        "student_topk_logprobs"_a.none(), "old_topk_logprobs"_a.none(), "loss"_a, "stats"_a, "dloss_ds"_a.none(),
+        "dloss_dtopk"_a.none(), "flags"_a.none(), "advantage"_a.none(), "seed"_a, "step"_a, "normaliser"_a, "mask_bad_input"_a,
+        "CUDA arrays: the bytes of the uint8 scratch evaluate_tokens needs with the same arguments, or a failed status tuple.");
 }

@@ -29,8 +29,7 @@ tropd::status TROPD_PY_ROWS(const objective_spec& spec, const rows_call& c, std:
     if constexpr (takes_served_teacher<Obj>) {
       return tropd::host::evaluate_rows(obj, student, tropd::host::teacher_logprobs{c.teacher_t}, c.in, out, c.opt);
     } else {
-      return tropd::make_error(tropd::errc::unsupported,
-                               "this objective reads the teacher's full distribution (entropy, KL or a dense term): pass teacher logits");
+      return tropd::make_error(tropd::errc::unsupported, needs_teacher_logits);
     }
   });
 }

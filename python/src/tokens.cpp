@@ -7,7 +7,7 @@ tropd::status tokens(const objective_spec& spec, const tokens_call& c, std::stri
   return visit_objective(spec, c.normaliser, error, [&](const auto& obj) -> tropd::status {
     using Obj = std::decay_t<decltype(obj)>;
     if constexpr (Obj::has_dense) {
-      return tropd::make_error(tropd::errc::unsupported, "objective has a full-vocabulary term: it needs logits (use distill_loss)");
+      return tropd::make_error(tropd::errc::unsupported, needs_logits);
     } else {
       return tropd::host::evaluate_tokens(obj, c.batch, c.out, c.opt);
     }

@@ -80,6 +80,11 @@ def evaluate_rows(
     ``advantage`` and ``dloss_ds`` [n]. When ``stats`` is not given, returns
     ``(loss, {name: value})``; otherwise None. Raises InvalidInputError (a ValueError) or
     EvaluationError (a RuntimeError) for a failed status.
+
+    CUDA arrays (the extension's CUDA build: ``tropd::gpu::evaluate_rows``): pass device ``loss``
+    and ``stats``, ``scratch`` (a uint8 CUDA array of ``tropd._C.rows_scratch_bytes(...)`` bytes,
+    the call's arguments less scratch and stream) and ``stream`` (a cudaStream_t as an integer).
+    The call ends by reading its status word back (a sync of ``stream``; docs/python.md "CUDA").
     """
     loss, stats, own = _default_outputs(loss, stats, getattr(student_logits, "dtype", None) == "float64")
     st = _C.evaluate_rows(
@@ -124,7 +129,8 @@ def evaluate_tokens(
 ):
     """``tropd::host::evaluate_tokens``: per-token log-probs [n] (fp32 / fp64) in; the loss,
     ``dloss_ds`` [n] (dL/ds: push it through your own log_softmax) and ``dloss_dtopk`` [n, K]
-    (dL/d log p_S at the teacher's top-k ids) out. Same conventions as evaluate_rows.
+    (dL/d log p_S at the teacher's top-k ids) out. Same conventions as evaluate_rows (CUDA:
+    the scratch size from ``tropd._C.tokens_scratch_bytes(...)``).
     """
     loss, stats, own = _default_outputs(loss, stats, getattr(student_logprobs, "dtype", None) == "float64")
     st = _C.evaluate_tokens(

@@ -1,5 +1,5 @@
 """tropd for PyTorch: every tropd objective as an autograd op, on CPU tensors (and CUDA tensors
-with the extension's CUDA build), registered with ``torch.library`` so that
+with the extension's CUDA build: tropd::gpu, see docs/python.md "CUDA"), registered with ``torch.library`` so that
 ``torch.compile(fullgraph=True)`` runs it without a graph break.
 
 Row level (logits in)::
@@ -117,7 +117,8 @@ def _d(t: Optional[Tensor]):
 
 
 def _normaliser_value(normaliser: Optional[Tensor]) -> float:
-    # Only on the CPU path (a host tensor). 0: the aggregation's own count.
+    """0: the aggregation's own count. The objective takes its normaliser as a number, so a CUDA
+    tensor is read here (one synchronisation; numbers become CPU tensors, read without one)."""
     return 0.0 if normaliser is None else float(normaliser.item())
 
 
@@ -127,6 +128,14 @@ def _grad_type(dtype: torch.dtype) -> torch.dtype:
 
 def _cuda_stream(t: Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
+
+
+def _cuda_scratch(answer, device: torch.device, seq_offsets: Tensor) -> Tensor:
+    """The CUDA path's scratch: a uint8 tensor from torch's caching allocator, of the size the
+    extension's scratch-size query answered for the same arguments (tropd allocates nothing)."""
+    if isinstance(answer, tuple):  # the query found an argument error: the call's exception
+        raise_status(answer, seq_offsets)
+    return torch.empty(int(answer), dtype=torch.uint8, device=device)
 
 
 def _rows_impl(student_logits, teacher_logits, teacher_token_logprobs, token_ids, origin, seq_offsets, sequence_ids,
@@ -140,22 +149,26 @@ def _rows_impl(student_logits, teacher_logits, teacher_token_logprobs, token_ids
     stats = torch.empty(_NSTATS, dtype=torch.float64, device=dev)
     flags = torch.empty(n, dtype=torch.uint8, device=dev)
     adv = torch.empty(n, dtype=gdt, device=dev)
+    norm = _normaliser_value(normaliser)
+
+    def args():  # fresh DLPack capsules for each call (a capsule is consumed once)
+        return (
+            objective, _d(student_logits), _d(teacher_logits), _d(teacher_token_logprobs), _d(token_ids), _d(origin),
+            _d(seq_offsets), _d(sequence_ids), _d(old_logprobs), _d(ref_logprobs), _d(teacher_topk_ids),
+            _d(teacher_topk_logprobs), _d(old_topk_logprobs), _d(g), _d(loss), _d(stats), _d(flags), _d(adv), None,
+            int(seed), int(step), float(student_temperature), float(teacher_temperature), norm, torch.get_num_threads(),
+            bool(mask_bad_input),
+        )  # fmt: skip
+
     if dev.type == "cuda":
-        # Device scratch from torch's caching allocator (sized by the extension); nothing syncs.
-        # The normaliser would have to stay on the device: not supported until the GPU path is bound.
-        norm, scratch = 0.0, torch.empty(0, dtype=torch.uint8, device=dev)
-        if normaliser is not None:
-            raise NotImplementedError("tropd: an external normaliser on the CUDA path is not bound yet")
+        # tropd::gpu::evaluate_rows on torch's current stream, with scratch from torch's caching
+        # allocator; the call reads its status word back (its one synchronisation, docs/python.md).
+        with torch.cuda.device(dev):
+            scratch = _cuda_scratch(_C.rows_scratch_bytes(*args()), dev, seq_offsets)
+            st = _C.evaluate_rows(*args(), _d(scratch), _cuda_stream(student_logits))
     else:
-        norm, scratch = _normaliser_value(normaliser), None
-    st = _C.evaluate_rows(
-        objective, _d(student_logits), _d(teacher_logits), _d(teacher_token_logprobs), _d(token_ids), _d(origin),
-        _d(seq_offsets), _d(sequence_ids), _d(old_logprobs), _d(ref_logprobs), _d(teacher_topk_ids),
-        _d(teacher_topk_logprobs), _d(old_topk_logprobs), _d(g), _d(loss), _d(stats), _d(flags), _d(adv), None, int(seed),
-        int(step), float(student_temperature), float(teacher_temperature), norm, torch.get_num_threads(),
-        bool(mask_bad_input), _d(scratch), _cuda_stream(student_logits),
-    )  # fmt: skip
-    raise_status(st, seq_offsets if seq_offsets.device.type == "cpu" else None)
+        st = _C.evaluate_rows(*args(), None, 0)
+    raise_status(st, seq_offsets)
     if g is None:
         g = student_logits.new_empty((0,))
     elif g.dtype != student_logits.dtype:
@@ -257,20 +270,24 @@ def _tokens_impl(student_logprobs, teacher_logprobs, origin, seq_offsets, sequen
     stats = torch.empty(_NSTATS, dtype=torch.float64, device=dev)
     flags = torch.empty(n, dtype=torch.uint8, device=dev)
     adv = torch.empty(n, dtype=gdt, device=dev)
+    norm = _normaliser_value(normaliser)
+
+    def args():  # fresh DLPack capsules for each call (a capsule is consumed once)
+        return (
+            objective, _d(student_logprobs), _d(teacher_logprobs), _d(origin), _d(seq_offsets), _d(sequence_ids),
+            _d(old_logprobs), _d(student_entropy), _d(teacher_entropy), _d(rkl), _d(ref_logprobs), _d(teacher_topk_ids),
+            _d(teacher_topk_logprobs), _d(student_topk_logprobs), _d(old_topk_logprobs), _d(loss), _d(stats), _d(dlds),
+            _d(dldk) if K > 0 else None, _d(flags), _d(adv), int(seed), int(step), norm, bool(mask_bad_input),
+        )  # fmt: skip
+
     if dev.type == "cuda":
-        norm, scratch = 0.0, torch.empty(0, dtype=torch.uint8, device=dev)
-        if normaliser is not None:
-            raise NotImplementedError("tropd: an external normaliser on the CUDA path is not bound yet")
+        # tropd::gpu::evaluate_tokens, as in _rows_impl.
+        with torch.cuda.device(dev):
+            scratch = _cuda_scratch(_C.tokens_scratch_bytes(*args()), dev, seq_offsets)
+            st = _C.evaluate_tokens(*args(), _d(scratch), _cuda_stream(student_logprobs))
     else:
-        norm, scratch = _normaliser_value(normaliser), None
-    st = _C.evaluate_tokens(
-        objective, _d(student_logprobs), _d(teacher_logprobs), _d(origin), _d(seq_offsets), _d(sequence_ids),
-        _d(old_logprobs), _d(student_entropy), _d(teacher_entropy), _d(rkl), _d(ref_logprobs), _d(teacher_topk_ids),
-        _d(teacher_topk_logprobs), _d(student_topk_logprobs), _d(old_topk_logprobs), _d(loss), _d(stats), _d(dlds),
-        _d(dldk) if K > 0 else None, _d(flags), _d(adv), int(seed), int(step), norm, bool(mask_bad_input), _d(scratch),
-        _cuda_stream(student_logprobs),
-    )  # fmt: skip
-    raise_status(st, seq_offsets if seq_offsets.device.type == "cpu" else None)
+        st = _C.evaluate_tokens(*args(), None, 0)
+    raise_status(st, seq_offsets)
     if K == 0:
         dldk.zero_()
     return loss, dlds, dldk, stats, flags, adv
@@ -371,7 +388,8 @@ def _normaliser_tensor(normaliser, device) -> Optional[Tensor]:
     value = float(normaliser)
     if not value > 0:
         raise ValueError("tropd: normaliser must be > 0 (None: the aggregation's own count)")
-    return torch.tensor(value, dtype=torch.float64, device="cpu" if device.type == "cpu" else device)
+    # A CPU tensor on either device: the op reads it as a number without a device round trip.
+    return torch.tensor(value, dtype=torch.float64)
 
 
 def _objective(objective) -> "_presets.Objective":
