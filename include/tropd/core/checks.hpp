@@ -8,6 +8,7 @@
 #include <tropd/config.hpp>
 #include <tropd/core/numerics.hpp>
 #include <tropd/core/status.hpp>
+#include <tropd/core/token_batch.hpp>
 #include <tropd/core/values.hpp>
 #include <tropd/core/views.hpp>
 
@@ -49,6 +50,20 @@ inline status teacher_rows(matrix_view<const TT> teacher, index_t rows, index_t 
   return {};
 }
 
+/// A row-level objective call's student logits [n x V] and gradient ([n x V] or empty), after
+/// the temperatures (empty_batch / shape_mismatch / invalid_parameter).
+template <class TS, class G>
+inline status objective_rows(matrix_view<const TS> student, matrix_view<G> grad, double student_temperature,
+                             double teacher_temperature) noexcept {
+  TROPD_TRY(temperatures(student_temperature, teacher_temperature));
+  if (!student.valid()) return make_error(errc::shape_mismatch, "student view is malformed (stride < cols or null data)");
+  if (student.rows == 0) return make_error(errc::empty_batch, "no rows");
+  if (student.cols < 1) return make_error(errc::shape_mismatch, "vocabulary size must be >= 1");
+  if (!grad.valid() || (grad.rows != 0 && (grad.rows != student.rows || grad.cols != student.cols)))
+    return make_error(errc::shape_mismatch, "gradient must be [rows x vocab] like the student logits, or empty");
+  return {};
+}
+
 /// Token ids [rows], each in [0, V) (host memory: the values are read). shape_mismatch /
 /// id_out_of_range (row, column = the id).
 inline status token_ids(vector_view<const int32_t> ids, index_t rows, index_t V) noexcept {
@@ -64,6 +79,50 @@ inline status topk_lists_shape(matrix_view<const int32_t> ids, const values_matr
   if (ids.rows != rows || logprobs.rows != rows) return make_error(errc::shape_mismatch, "teacher top-k lists need one row per student row");
   if (ids.cols != logprobs.cols || ids.cols < 1)
     return make_error(errc::shape_mismatch, "teacher top-k ids and log-probs must both be [rows x K] with K >= 1");
+  return {};
+}
+
+/// A token batch's shapes for an objective: sizes, offsets' count, the optional arrays the
+/// objective's policies need, the top-k views (shape_mismatch / empty_batch / unsupported;
+/// obj.check() first). Nothing is read: the host then checks the offsets, origin tags and
+/// top-k ids it can read (host/token_stages.hpp), the device in its validate kernels.
+template <class Obj>
+status token_batch_shapes(const Obj& obj, const token_batch& b) {
+  TROPD_TRY(obj.check());
+  const index_t n = b.s.size;
+  if (n == 0) return make_error(errc::empty_batch, "no tokens");
+  if (b.t.size != n || b.from.size != n) return make_error(errc::shape_mismatch, "s, t and origin must all have n entries");
+  if (b.seq_offsets.size < 2 || b.seq_offsets.data == nullptr) return make_error(errc::shape_mismatch, "seq_offsets needs n_seq + 1 >= 2 entries");
+  const index_t n_seq = b.seq_offsets.size - 1;
+  if (b.seq_ids.size != 0 && b.seq_ids.size != n_seq) return make_error(errc::shape_mismatch, "seq_ids must have n_seq entries");
+  if (b.s_old.size != 0 && b.s_old.size != n) return make_error(errc::shape_mismatch, "s_old must be empty or have n entries");
+  using R = typename Obj::region_type;
+  using T = typename Obj::trust_type;
+  using O = typename Obj::outlier_type;
+  if constexpr (R::needs_student_entropy)
+    if (b.student_entropy.size == 0) return make_error(errc::unsupported, "this region needs student entropies (token_batch::student_entropy)");
+  if constexpr (R::needs_teacher_entropy)
+    if (b.teacher_entropy.size == 0) return make_error(errc::unsupported, "this region needs teacher entropies (token_batch::teacher_entropy)");
+  if constexpr (T::needs_rkl)
+    if (b.rkl.size == 0) return make_error(errc::unsupported, "this trust estimator needs the per-position reverse KL (token_batch::rkl)");
+  if constexpr (T::needs_ref)
+    if (b.ref.size == 0) return make_error(errc::unsupported, "this trust estimator needs reference log-probs (token_batch::ref)");
+  if (b.student_entropy.size != 0 && b.student_entropy.size != n) return make_error(errc::shape_mismatch, "student_entropy must be empty or have n entries");
+  if (b.teacher_entropy.size != 0 && b.teacher_entropy.size != n) return make_error(errc::shape_mismatch, "teacher_entropy must be empty or have n entries");
+  if (b.rkl.size != 0 && b.rkl.size != n) return make_error(errc::shape_mismatch, "rkl must be empty or have n entries");
+  if (b.ref.size != 0 && b.ref.size != n) return make_error(errc::shape_mismatch, "ref must be empty or have n entries");
+  if constexpr (O::needs_topk) {
+    const auto& ids = b.topk_ids;
+    if (ids.rows != n || b.topk_teacher.rows != n || b.topk_student.rows != n || ids.cols < 1 || b.topk_teacher.cols != ids.cols ||
+        b.topk_student.cols != ids.cols)
+      return make_error(errc::shape_mismatch, "this outlier handler needs [n x K] topk_ids, topk_teacher and topk_student (K >= 1)");
+    if (b.topk_student_old.rows != 0 && (b.topk_student_old.rows != n || b.topk_student_old.cols != ids.cols))
+      return make_error(errc::shape_mismatch, "topk_student_old must be empty or [n x K]");
+    if (b.topk_student_tail_log.size != 0 && b.topk_student_tail_log.size != n)
+      return make_error(errc::shape_mismatch, "topk_student_tail_log must be empty or have n entries");
+    if (!ids.valid() || !b.topk_teacher.valid() || !b.topk_student.valid() || !b.topk_student_old.valid())
+      return make_error(errc::shape_mismatch, "top-k views are malformed");
+  }
   return {};
 }
 

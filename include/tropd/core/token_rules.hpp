@@ -1,6 +1,6 @@
 // tropd/core/token_rules.hpp: what every backend does per token, defined once (host and
 // device): the token and top-k views of a batch entry, the value checks, the top-k list
-// rules, the log-probability at an id, and the sequence of a token.
+// rules, the log-probability at an id, a scaled logit's verdict, and the sequence of a token.
 //
 // The host's token stages (host/token_stages.hpp), the host row functions (host/rows.hpp,
 // host/objective.hpp) and the CUDA kernels (gpu/) call these functions; none of them builds a
@@ -23,6 +23,18 @@ namespace tropd::rules {
 template <class W, class T>
 TROPD_HD inline double log_prob_at(const T* row, int32_t id, W inv_t, double lse) noexcept {
   return double(static_cast<W>(to_acc(row[id])) * inv_t) - lse;
+}
+
+/// A logit's verdict once scaled by the inverse temperature in the work type, x = W(raw) / T
+/// (the row passes compute x): ok when x is finite or raw is -inf (zero mass, legal);
+/// non_finite_input for a NaN / +inf input; unsupported for a finite input that left W's range
+/// (+inf, or -inf, which would otherwise read as "zero mass"), e.g. 3e38 at T = 0.05 in fp32.
+template <class T, class W>
+TROPD_HD inline errc scaled_logit_error(T raw, W x) noexcept {
+  if (x < inf<W>() && x != -inf<W>()) return errc::ok;
+  const bool finite_in = is_finite(to_acc(raw));
+  if (x == -inf<W>() && !finite_in) return errc::ok;
+  return finite_in ? errc::unsupported : errc::non_finite_input;
 }
 
 /// The sequence of token i: the last j with off[j] <= i (binary search; offsets validated).

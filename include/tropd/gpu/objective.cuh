@@ -165,13 +165,8 @@ status check_rows_objective(const Obj& obj, matrix_view<const TS> student, const
   constexpr bool logits = teacher_has_logits<Teacher>;
   using R = typename Obj::region_type;
   TROPD_TRY(obj.check());
-  TROPD_TRY(checks::temperatures(in.student_temperature, in.teacher_temperature));
+  TROPD_TRY(checks::objective_rows(student, out.grad, in.student_temperature, in.teacher_temperature));
   const index_t n = student.rows, V = student.cols;
-  if (!student.valid()) return make_error(errc::shape_mismatch, "student view is malformed (stride < cols or null data)");
-  if (n == 0) return make_error(errc::empty_batch, "no rows");
-  if (V < 1) return make_error(errc::shape_mismatch, "vocabulary size must be >= 1");
-  if (!out.grad.valid() || (out.grad.rows != 0 && (out.grad.rows != n || out.grad.cols != V)))
-    return make_error(errc::shape_mismatch, "gradient must be [rows x vocab] like the student logits, or empty");
   if constexpr (logits) {
     TROPD_TRY(checks::teacher_rows(teacher, n, V));
   } else {

@@ -391,13 +391,8 @@ status evaluate_rows(const Obj& obj, matrix_view<const TS> student, const Teache
   using TT = typename teacher_element<Teacher>::type;
   using W = work_type_t<TS, TT>;
   TROPD_TRY(obj.check());
-  TROPD_TRY(checks::temperatures(in.student_temperature, in.teacher_temperature));
+  TROPD_TRY(checks::objective_rows(student, out.grad, in.student_temperature, in.teacher_temperature));
   const index_t n = student.rows, V = student.cols;
-  if (!student.valid()) return make_error(errc::shape_mismatch, "student view is malformed (stride < cols or null data)");
-  if (n == 0) return make_error(errc::empty_batch, "no rows");
-  if (V < 1) return make_error(errc::shape_mismatch, "vocabulary size must be >= 1");
-  if (!out.grad.valid() || (out.grad.rows != 0 && (out.grad.rows != n || out.grad.cols != V)))
-    return make_error(errc::shape_mismatch, "gradient must be [rows x vocab] like the student logits, or empty");
   TROPD_TRY(check_teacher(obj, teacher, n, V));
   const token_outputs tout{out.loss, out.diag, out.dloss_ds, out.advantage, out.dloss_dtopk, out.flags};
   row_plan<Obj, logits> p;

@@ -41,6 +41,7 @@
 #include <tropd/core/types.hpp>
 #include <tropd/core/views.hpp>
 #include <tropd/estimators/full_vocab.hpp>
+#include <tropd/estimators/no_dense.hpp>
 #include <tropd/estimators/row_moments.hpp>
 #include <tropd/estimators/topk.hpp>
 #include <tropd/host/options.hpp>
@@ -124,11 +125,9 @@ TROPD_HOST_INLINE void chunk_sums(const W* A, const W* B, index_t np, W Ms, W Mt
 template <class W, class T>
 inline status scaled_error(const T* raw, const W* scaled, index_t n, index_t c0, index_t row, bool student) noexcept {
   for (index_t j = 0; j < n; ++j) {
-    const W x = scaled[j];
-    if (x < inf<W>() && x != -inf<W>()) continue;
-    const bool finite_in = is_finite(to_acc(raw[j]));
-    if (x == -inf<W>() && !finite_in) continue;  // a -inf input: zero mass, legal
-    if (finite_in)
+    const errc e = rules::scaled_logit_error(raw[j], scaled[j]);
+    if (e == errc::ok) continue;
+    if (e == errc::unsupported)
       return make_error(errc::unsupported,
                         student ? "a finite student logit divided by the temperature leaves the work type's range (pass fp64 logits or use a larger temperature)"
                                 : "a finite teacher logit divided by the temperature leaves the work type's range (pass fp64 logits or use a larger temperature)",
@@ -290,19 +289,8 @@ inline double student_tail_log(const TS* zs, index_t V, W its, double lse_s, con
   return M == -inf<double>() ? -inf<double>() : M + log_(S) - lse_s;
 }
 
-/// Estimator placeholder for rows with only sparse gradient terms.
-struct no_dense {
-  static constexpr bool second_pass = false;
-  template <class F>
-  TROPD_HD constexpr void accumulate(F, F, F, F, double*) const noexcept {}
-  template <class F>
-  TROPD_HD constexpr F grad(F, F, F, F, const estimators::row_summary&) const noexcept { return F(0); }
-};
-
-/// Whether an estimator's per-element rules read the teacher probability q (reverse KL
-/// reads only p and the log-ratio); unknown estimators are assumed to.
-template <class Est>
-inline constexpr bool reads_q = !std::is_same_v<Est, estimators::reverse_kl> && !std::is_same_v<Est, no_dense>;
+using estimators::no_dense;  // estimators/no_dense.hpp
+using estimators::reads_q;
 
 /// A row's log-sum-exp as seen by the element loops: log p_j = (a_j - C) - delta with
 /// C = W(lse) and delta = W(lse - C). a_j - C is exact when a_j and C are within a factor of

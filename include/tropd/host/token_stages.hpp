@@ -25,6 +25,7 @@
 #include <vector>
 
 #include <tropd/config.hpp>
+#include <tropd/core/checks.hpp>
 #include <tropd/core/numerics.hpp>
 #include <tropd/core/sparse_terms.hpp>
 #include <tropd/core/status.hpp>
@@ -40,56 +41,25 @@ namespace tropd::host {
 
 namespace detail {
 
-/// Structural validation of a token batch for an objective: shapes, offsets, origin tags,
-/// the optional arrays the objective's policies need, top-k ids. Always an error when it
-/// fails (whatever the input policy).
+/// Structural validation of a token batch for an objective: the shapes (core/checks.hpp,
+/// shared with the device), then the offsets, origin tags and top-k ids. Always an error when
+/// it fails (whatever the input policy).
 template <class Obj>
 status validate_structure(const Obj& obj, const token_batch& b) {
-  TROPD_TRY(obj.check());
+  TROPD_TRY(checks::token_batch_shapes(obj, b));
   const index_t n = b.s.size;
-  if (n == 0) return make_error(errc::empty_batch, "no tokens");
-  if (b.t.size != n || b.from.size != n) return make_error(errc::shape_mismatch, "s, t and origin must all have n entries");
-  if (b.seq_offsets.size < 2) return make_error(errc::shape_mismatch, "seq_offsets needs n_seq + 1 >= 2 entries");
   if (b.seq_offsets[0] != 0 || b.seq_offsets[b.seq_offsets.size - 1] != n)
     return make_error(errc::shape_mismatch, "seq_offsets must start at 0 and end at n");
   for (index_t j = 1; j < b.seq_offsets.size; ++j)
     if (b.seq_offsets[j] < b.seq_offsets[j - 1]) return make_error(errc::shape_mismatch, "seq_offsets must be non-decreasing", j);
-  const index_t n_seq = b.seq_offsets.size - 1;
-  if (b.seq_ids.size != 0 && b.seq_ids.size != n_seq) return make_error(errc::shape_mismatch, "seq_ids must have n_seq entries");
   for (index_t i = 0; i < n; ++i)
     if (static_cast<uint8_t>(b.from[i]) > 2) return make_error(errc::invalid_parameter, "origin tag must be prompt, teacher or student", i);
-  if (b.s_old.size != 0 && b.s_old.size != n) return make_error(errc::shape_mismatch, "s_old must be empty or have n entries");
-  using R = typename Obj::region_type;
-  using T = typename Obj::trust_type;
-  using O = typename Obj::outlier_type;
-  if constexpr (R::needs_student_entropy)
-    if (b.student_entropy.size == 0) return make_error(errc::unsupported, "this region needs student entropies (token_batch::student_entropy)");
-  if constexpr (R::needs_teacher_entropy)
-    if (b.teacher_entropy.size == 0) return make_error(errc::unsupported, "this region needs teacher entropies (token_batch::teacher_entropy)");
-  if constexpr (T::needs_rkl)
-    if (b.rkl.size == 0) return make_error(errc::unsupported, "this trust estimator needs the per-position reverse KL (token_batch::rkl)");
-  if constexpr (T::needs_ref)
-    if (b.ref.size == 0) return make_error(errc::unsupported, "this trust estimator needs reference log-probs (token_batch::ref)");
-  if (b.student_entropy.size != 0 && b.student_entropy.size != n) return make_error(errc::shape_mismatch, "student_entropy must be empty or have n entries");
-  if (b.teacher_entropy.size != 0 && b.teacher_entropy.size != n) return make_error(errc::shape_mismatch, "teacher_entropy must be empty or have n entries");
-  if (b.rkl.size != 0 && b.rkl.size != n) return make_error(errc::shape_mismatch, "rkl must be empty or have n entries");
-  if (b.ref.size != 0 && b.ref.size != n) return make_error(errc::shape_mismatch, "ref must be empty or have n entries");
-  if constexpr (O::needs_topk) {
-    const auto& ids = b.topk_ids;
-    if (ids.rows != n || b.topk_teacher.rows != n || b.topk_student.rows != n || ids.cols < 1 ||
-        b.topk_teacher.cols != ids.cols || b.topk_student.cols != ids.cols)
-      return make_error(errc::shape_mismatch, "this outlier handler needs [n x K] topk_ids, topk_teacher and topk_student (K >= 1)");
-    if (b.topk_student_old.rows != 0 && (b.topk_student_old.rows != n || b.topk_student_old.cols != ids.cols))
-      return make_error(errc::shape_mismatch, "topk_student_old must be empty or [n x K]");
-    if (b.topk_student_tail_log.size != 0 && b.topk_student_tail_log.size != n)
-      return make_error(errc::shape_mismatch, "topk_student_tail_log must be empty or have n entries");
-    if (!ids.valid() || !b.topk_teacher.valid() || !b.topk_student.valid() || !b.topk_student_old.valid())
-      return make_error(errc::shape_mismatch, "top-k views are malformed");
+  if constexpr (Obj::outlier_type::needs_topk) {
     // Ids are structure: a bad id is an error under either input policy, as at row level.
     // (The vocabulary size is unknown here: only negative ids are out of range.)
     for (index_t i = 0; i < n; ++i) {
       if (b.from[i] != origin::student) continue;
-      for (index_t k = 0; k < ids.cols; ++k) TROPD_TRY(rules::check_topk_id(ids.row(i), b.topk_teacher.row(i), k, -1, i));
+      for (index_t k = 0; k < b.topk_ids.cols; ++k) TROPD_TRY(rules::check_topk_id(b.topk_ids.row(i), b.topk_teacher.row(i), k, -1, i));
     }
   }
   return {};

@@ -30,41 +30,8 @@ namespace tropd::gpu::detail {
 /// read data run on the device: tokens_structure_kernel, tokens_topk_ids_kernel).
 template <class Obj>
 status check_token_shapes(const Obj& obj, const token_batch& b) {
-  TROPD_TRY(obj.check());
-  const index_t n = b.s.size;
-  if (n == 0) return make_error(errc::empty_batch, "no tokens");
-  if (b.t.size != n || b.from.size != n) return make_error(errc::shape_mismatch, "s, t and origin must all have n entries");
-  if (b.seq_offsets.size < 2 || b.seq_offsets.data == nullptr) return make_error(errc::shape_mismatch, "seq_offsets needs n_seq + 1 >= 2 entries");
-  const index_t n_seq = b.seq_offsets.size - 1;
-  if (b.seq_ids.size != 0 && b.seq_ids.size != n_seq) return make_error(errc::shape_mismatch, "seq_ids must have n_seq entries");
-  if (b.s_old.size != 0 && b.s_old.size != n) return make_error(errc::shape_mismatch, "s_old must be empty or have n entries");
-  using R = typename Obj::region_type;
-  using T = typename Obj::trust_type;
-  using O = typename Obj::outlier_type;
-  if constexpr (R::needs_student_entropy)
-    if (b.student_entropy.size == 0) return make_error(errc::unsupported, "this region needs student entropies (token_batch::student_entropy)");
-  if constexpr (R::needs_teacher_entropy)
-    if (b.teacher_entropy.size == 0) return make_error(errc::unsupported, "this region needs teacher entropies (token_batch::teacher_entropy)");
-  if constexpr (T::needs_rkl)
-    if (b.rkl.size == 0) return make_error(errc::unsupported, "this trust estimator needs the per-position reverse KL (token_batch::rkl)");
-  if constexpr (T::needs_ref)
-    if (b.ref.size == 0) return make_error(errc::unsupported, "this trust estimator needs reference log-probs (token_batch::ref)");
-  if (b.student_entropy.size != 0 && b.student_entropy.size != n) return make_error(errc::shape_mismatch, "student_entropy must be empty or have n entries");
-  if (b.teacher_entropy.size != 0 && b.teacher_entropy.size != n) return make_error(errc::shape_mismatch, "teacher_entropy must be empty or have n entries");
-  if (b.rkl.size != 0 && b.rkl.size != n) return make_error(errc::shape_mismatch, "rkl must be empty or have n entries");
-  if (b.ref.size != 0 && b.ref.size != n) return make_error(errc::shape_mismatch, "ref must be empty or have n entries");
-  if constexpr (O::needs_topk) {
-    const auto& ids = b.topk_ids;
-    if (ids.rows != n || b.topk_teacher.rows != n || b.topk_student.rows != n || ids.cols < 1 || b.topk_teacher.cols != ids.cols ||
-        b.topk_student.cols != ids.cols)
-      return make_error(errc::shape_mismatch, "this outlier handler needs [n x K] topk_ids, topk_teacher and topk_student (K >= 1)");
-    if (b.topk_student_old.rows != 0 && (b.topk_student_old.rows != n || b.topk_student_old.cols != ids.cols))
-      return make_error(errc::shape_mismatch, "topk_student_old must be empty or [n x K]");
-    if (b.topk_student_tail_log.size != 0 && b.topk_student_tail_log.size != n)
-      return make_error(errc::shape_mismatch, "topk_student_tail_log must be empty or have n entries");
-    if (!ids.valid() || !b.topk_teacher.valid() || !b.topk_student.valid() || !b.topk_student_old.valid())
-      return make_error(errc::shape_mismatch, "top-k views are malformed");
-  }
+  TROPD_TRY(checks::token_batch_shapes(obj, b));
+  const index_t n = b.s.size, n_seq = b.seq_offsets.size - 1;
   if (n > max_rows || n_seq > max_rows) return make_error(errc::unsupported, "tropd::gpu: at most 2^28 - 2 tokens and sequences per call");
   if (b.topk_ids.cols > max_topk) return make_error(errc::unsupported, "tropd::gpu: top-k lists longer than max_topk (1024)");
   return {};

@@ -28,8 +28,10 @@
 #include <tropd/core/numerics.hpp>
 #include <tropd/core/status.hpp>
 #include <tropd/core/sparse_terms.hpp>
+#include <tropd/core/token_rules.hpp>
 #include <tropd/core/types.hpp>
 #include <tropd/estimators/full_vocab.hpp>
+#include <tropd/estimators/no_dense.hpp>
 #include <tropd/estimators/row_moments.hpp>
 #include <tropd/gpu/plan.hpp>
 
@@ -98,16 +100,11 @@ struct pass_units<float> {
   TROPD_HD static float scale(double inv_t) noexcept { return float(inv_t) * 1.4426950408889634f; }
 };
 
-/// The host's rule for one logit (host/row_passes.hpp scaled_error): x = W(z) * W(1/T) must
-/// be finite, except that a -inf input (zero mass) is legal. Returns ok, non_finite_input (a
-/// NaN / +inf input) or unsupported (a finite input that leaves W's range once scaled).
+/// One logit scaled as the host scales it, x = W(z) * W(1/T), and its verdict
+/// (rules::scaled_logit_error, the rule both backends apply).
 template <class W, class T>
 TROPD_HD inline errc scaled_error(T raw, W inv_t) noexcept {
-  const W x = static_cast<W>(to_acc(raw)) * inv_t;
-  if (x < inf<W>() && x != -inf<W>()) return errc::ok;
-  const bool finite_in = is_finite(to_acc(raw));
-  if (x == -inf<W>() && !finite_in) return errc::ok;  // a -inf input: zero mass, legal
-  return finite_in ? errc::unsupported : errc::non_finite_input;
+  return rules::scaled_logit_error(raw, static_cast<W>(to_acc(raw)) * inv_t);
 }
 
 /// Bytes of a vector store of N values of G (16 at most).
@@ -381,23 +378,9 @@ struct prob_split {
   TROPD_HD W prob(W x) const noexcept { return U::e(x); }
 };
 
-/// Estimator placeholder of rows with only sparse gradient terms (the gradient pass writes
-/// -P_j p_j and the sparse entries).
-struct no_dense {
-  static constexpr bool second_pass = false;
-  template <class F>
-  TROPD_HD constexpr void accumulate(F, F, F, F, double*) const noexcept {}
-  template <class F>
-  TROPD_HD constexpr F grad(F, F, F, F, const estimators::row_summary&) const noexcept { return F(0); }
-};
-
-/// Whether a dense estimator's per-element rules read the teacher probability q (reverse KL
-/// reads the log-ratio and p only).
-template <class Est>
-inline constexpr bool reads_q = !std::is_same_v<Est, estimators::reverse_kl> && !std::is_same_v<Est, no_dense>;
-/// Whether they read the teacher row at all.
-template <class Est>
-inline constexpr bool reads_teacher = !std::is_same_v<Est, no_dense>;
+using estimators::no_dense;  // estimators/no_dense.hpp
+using estimators::reads_q;
+using estimators::reads_teacher;
 
 /// Divergences whose per-element rules read log m (JSD): log_m<Ops>, terms_lm, grad_lm.
 template <class Est>
