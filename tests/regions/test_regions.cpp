@@ -149,7 +149,9 @@ TEST_CASE("regions: entropy_top_fraction keeps H_S >= the ceil(f n)-th largest e
   }
   // f n exact in real arithmetic but not in floating point: 0.2 * 10 keeps 2, 0.3 * 10 keeps 3.
   const std::vector<double> ten = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9};
-  for (const auto& [f, keep] : {std::pair{0.2, 2}, std::pair{0.3, 3}, std::pair{0.7, 7}, std::pair{0.6, 6}}) {
+  for (const auto& fk : {std::pair{0.2, 2}, std::pair{0.3, 3}, std::pair{0.7, 7}, std::pair{0.6, 6}}) {
+    const double f = fk.first;  // not a structured binding: CAPTURE's lambda cannot capture one in clang < 16
+    const int keep = fk.second;
     CAPTURE(f);
     const auto m = top_fraction(f, ten);
     CHECK(std::count(m.begin(), m.end(), true) == keep);
