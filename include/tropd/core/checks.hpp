@@ -82,19 +82,30 @@ inline status topk_lists_shape(matrix_view<const int32_t> ids, const values_matr
   return {};
 }
 
+/// What token_batch_shapes reads nothing of: the offsets' values and the origin tags. The host
+/// passes readers of both (host/token_stages.hpp), so its errors keep one order; the device
+/// checks them in its validate kernels.
+struct no_batch_reads {
+  status offsets(const token_batch&) const noexcept { return {}; }
+  status origins(const token_batch&) const noexcept { return {}; }
+};
+
 /// A token batch's shapes for an objective: sizes, offsets' count, the optional arrays the
 /// objective's policies need, the top-k views (shape_mismatch / empty_batch / unsupported;
-/// obj.check() first). Nothing is read: the host then checks the offsets, origin tags and
-/// top-k ids it can read (host/token_stages.hpp), the device in its validate kernels.
-template <class Obj>
-status token_batch_shapes(const Obj& obj, const token_batch& b) {
+/// obj.check() first), in this order, with `reads.offsets(b)` after the offsets' count and
+/// `reads.origins(b)` after seq_ids (the host's precedence of errors, which the fuzz oracle
+/// states). Top-k ids are the caller's to check.
+template <class Obj, class Reads = no_batch_reads>
+status token_batch_shapes(const Obj& obj, const token_batch& b, const Reads& reads = {}) {
   TROPD_TRY(obj.check());
   const index_t n = b.s.size;
   if (n == 0) return make_error(errc::empty_batch, "no tokens");
   if (b.t.size != n || b.from.size != n) return make_error(errc::shape_mismatch, "s, t and origin must all have n entries");
   if (b.seq_offsets.size < 2 || b.seq_offsets.data == nullptr) return make_error(errc::shape_mismatch, "seq_offsets needs n_seq + 1 >= 2 entries");
+  TROPD_TRY(reads.offsets(b));
   const index_t n_seq = b.seq_offsets.size - 1;
   if (b.seq_ids.size != 0 && b.seq_ids.size != n_seq) return make_error(errc::shape_mismatch, "seq_ids must have n_seq entries");
+  TROPD_TRY(reads.origins(b));
   if (b.s_old.size != 0 && b.s_old.size != n) return make_error(errc::shape_mismatch, "s_old must be empty or have n entries");
   using R = typename Obj::region_type;
   using T = typename Obj::trust_type;

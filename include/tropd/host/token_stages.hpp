@@ -41,19 +41,30 @@ namespace tropd::host {
 
 namespace detail {
 
+/// The values of a batch's structure the host reads (checks::token_batch_shapes calls these in
+/// its order): the offsets (from 0 to n, non-decreasing) and the origin tags.
+struct batch_reads {
+  status offsets(const token_batch& b) const {
+    if (b.seq_offsets[0] != 0 || b.seq_offsets[b.seq_offsets.size - 1] != b.s.size)
+      return make_error(errc::shape_mismatch, "seq_offsets must start at 0 and end at n");
+    for (index_t j = 1; j < b.seq_offsets.size; ++j)
+      if (b.seq_offsets[j] < b.seq_offsets[j - 1]) return make_error(errc::shape_mismatch, "seq_offsets must be non-decreasing", j);
+    return {};
+  }
+  status origins(const token_batch& b) const {
+    for (index_t i = 0; i < b.s.size; ++i)
+      if (static_cast<uint8_t>(b.from[i]) > 2) return make_error(errc::invalid_parameter, "origin tag must be prompt, teacher or student", i);
+    return {};
+  }
+};
+
 /// Structural validation of a token batch for an objective: the shapes (core/checks.hpp,
-/// shared with the device), then the offsets, origin tags and top-k ids. Always an error when
+/// shared with the device), with the offsets and origin tags read in its order, then the top-k ids. Always an error when
 /// it fails (whatever the input policy).
 template <class Obj>
 status validate_structure(const Obj& obj, const token_batch& b) {
-  TROPD_TRY(checks::token_batch_shapes(obj, b));
+  TROPD_TRY(checks::token_batch_shapes(obj, b, batch_reads{}));
   const index_t n = b.s.size;
-  if (b.seq_offsets[0] != 0 || b.seq_offsets[b.seq_offsets.size - 1] != n)
-    return make_error(errc::shape_mismatch, "seq_offsets must start at 0 and end at n");
-  for (index_t j = 1; j < b.seq_offsets.size; ++j)
-    if (b.seq_offsets[j] < b.seq_offsets[j - 1]) return make_error(errc::shape_mismatch, "seq_offsets must be non-decreasing", j);
-  for (index_t i = 0; i < n; ++i)
-    if (static_cast<uint8_t>(b.from[i]) > 2) return make_error(errc::invalid_parameter, "origin tag must be prompt, teacher or student", i);
   if constexpr (Obj::outlier_type::needs_topk) {
     // Ids are structure: a bad id is an error under either input policy, as at row level.
     // (The vocabulary size is unknown here: only negative ids are out of range.)
